@@ -61,11 +61,11 @@ if ! "$PY" -c 'import torch' >/dev/null 2>&1; then
     log "installing ${torch_args[*]}"
     "${PIP[@]}" install --quiet "${torch_args[@]}"
 fi
-TORCH_VERSION=$("$PY" -c 'import torch; print(torch.__version__)')
-log "torch $TORCH_VERSION"
 
 # --- 3. build tools (setuptools < 82 keeps pkg_resources for mmcv's setup.py and mmengine) -------
 "${PIP[@]}" install --quiet numpy ninja 'setuptools<82' wheel
+TORCH_VERSION=$("$PY" -c 'import torch; print(torch.__version__)')
+log "torch $TORCH_VERSION"
 
 # --- 4. mmcv with compiled ops, from the wheel cache or built once into it ----------------------
 PY_TAG=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
