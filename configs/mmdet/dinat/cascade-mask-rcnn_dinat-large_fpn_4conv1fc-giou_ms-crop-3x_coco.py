@@ -1,0 +1,14 @@
+# Cascade Mask R-CNN + DiNAT-Large (ImageNet-22k pre-trained), COCO 3x, lr 7.5e-5, trained in
+# fp32 upstream (no AMP). Box / mask AP 55.3 / 47.8.
+_base_ = ['./cascade-mask-rcnn_dinat-tiny_fpn_4conv1fc-giou_ms-crop-3x_coco.py']
+
+model = dict(
+    backbone=dict(
+        arch='large',
+        drop_path_rate=0.6,
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/dinat_large_in22k_224.pth'),
+    ),
+    neck=dict(in_channels=[192, 384, 768, 1536]),
+)
+
+optim_wrapper = dict(type='OptimWrapper', optimizer=dict(lr=0.000075))

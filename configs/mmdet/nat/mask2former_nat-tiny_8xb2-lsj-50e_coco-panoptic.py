@@ -1,0 +1,34 @@
+# Mask2Former + NAT-Tiny, COCO panoptic, 50 epochs with large-scale jitter: the single-GPU-friendly
+# variant (no published number). The backbone trains at 0.1x lr; its norms and `rpb` tables
+# get no weight decay, applied by type and name by nat_mm's NATOptimWrapperConstructor.
+_base_ = ['mmdet::mask2former/mask2former_swin-t-p4-w7-224_8xb2-lsj-50e_coco-panoptic.py']
+
+custom_imports = dict(imports=['nat_mm'], allow_failed_imports=False)
+
+model = dict(
+    backbone=dict(
+        _delete_=True,
+        type='NAT',
+        arch='tiny',
+        kernel_size=7,
+        drop_path_rate=0.3,
+        out_indices=(0, 1, 2, 3),
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/nat_tiny.pth'),
+    ),
+    panoptic_head=dict(in_channels=[64, 128, 256, 512]),
+)
+
+embed_multi = dict(lr_mult=1.0, decay_mult=0.0)
+optim_wrapper = dict(
+    constructor='NATOptimWrapperConstructor',
+    paramwise_cfg=dict(
+        _delete_=True,
+        custom_keys={
+            'backbone': dict(lr_mult=0.1, decay_mult=1.0),
+            'query_embed': embed_multi,
+            'query_feat': embed_multi,
+            'level_embed': embed_multi,
+        },
+        norm_decay_mult=0.0,
+    ),
+)

@@ -1,0 +1,167 @@
+"""tools/get_flops.py: published parameter / MAC counts, config mode, and its error handling."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import nat_mm.models  # noqa: F401  (registers NAT / DiNAT, as `import nat_mm` will)
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = importlib.util.spec_from_file_location('get_flops', ROOT / 'tools' / 'get_flops.py')
+get_flops = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(get_flops)
+
+UPERNET_MINI = ROOT / 'configs/mmseg/nat/nat-mini-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py'
+MASK_RCNN_MINI = ROOT / 'configs/mmdet/nat/mask-rcnn_nat-mini_fpn_ms-crop-3x_coco.py'
+
+
+def needs_na_flop_handle():
+    pytest.importorskip(
+        'nat_mm.ops.flops', reason='the neighborhood-attention FLOP handle is not available'
+    )
+
+
+def run(argv: list[str]) -> dict:
+    torch.set_num_threads(2)
+    return get_flops.measure(get_flops.parse_args(argv))
+
+
+@pytest.mark.slow
+def test_nat_mini_matches_published_params_and_gmacs(capsys):
+    needs_na_flop_handle()
+    # Published (original-models.md): NAT-Mini 2.7 GMACs at 224 (fvcore, with the 1k-class head,
+    # whose 0.5 M MACs do not show at this precision); 19.47 M backbone params with norm0-3.
+    assert get_flops.main(['--backbone', 'nat-mini', '--shape', '224']) == 0
+    out = capsys.readouterr().out
+    lines = dict(line.split(':', 1) for line in out.splitlines())
+    assert float(lines['Params'].split()[0]) == pytest.approx(19.47, abs=0.01)
+    assert float(lines['GFLOPs'].split()[0]) == pytest.approx(2.7, abs=0.05)
+    assert 'NeighborhoodAttention' not in out
+
+
+def na_macs(side: int, depths: tuple[int, ...], channels: int, kernel: int = 7) -> int:
+    """Neighborhood-attention MACs of a NAT backbone on a side x side image, by the formula of
+    neighborhood-attention.md (q.k and attn.v: 2 * H * W * K^2 * C per layer, on the map padded
+    up to K when smaller)."""
+    total = 0
+    for stage, depth in enumerate(depths):
+        tokens = max(side // 4 // 2**stage, kernel) ** 2
+        total += depth * 2 * tokens * kernel**2 * channels * 2**stage
+    return total
+
+
+def test_nat_mini_counts_neighborhood_attention_and_matches_published_params():
+    needs_na_flop_handle()
+    result = run(['--backbone', 'nat-mini', '--shape', '64'])
+    assert result['params'] == pytest.approx(19.47e6, abs=0.01e6)  # published, shape-free
+    assert not any('NeighborhoodAttention' in op for op in result['uncounted'])
+
+
+def test_neighborhood_attention_share_follows_the_formula(monkeypatch):
+    needs_na_flop_handle()
+    from mmengine.analysis import complexity_analysis
+
+    from nat_mm.models import NAT
+    from nat_mm.ops.flops import register_flop_handles
+
+    register_flop_handles()
+    model = NAT(embed_dim=16, depths=(1, 2, 1, 1), num_heads=(1, 2, 4, 8), mlp_ratio=2.0)
+    image = torch.rand(1, 3, 64, 64)
+    _, with_na, uncounted = get_flops.count(model, image)
+    assert not any('NeighborhoodAttention' in op for op in uncounted)
+    handles = {
+        op: handle
+        for op, handle in complexity_analysis._DEFAULT_SUPPORTED_FLOP_OPS.items()
+        if 'NeighborhoodAttention' not in op
+    }
+    monkeypatch.setattr(complexity_analysis, '_DEFAULT_SUPPORTED_FLOP_OPS', handles)
+    _, without_na, uncounted = get_flops.count(model, image)
+    assert any('NeighborhoodAttention' in op for op in uncounted)
+    assert with_na - without_na == na_macs(64, depths=(1, 2, 1, 1), channels=16)
+
+
+def test_refuses_a_count_that_leaves_neighborhood_attention_out(monkeypatch):
+    uncounted = {'prim::PythonOp.NeighborhoodAttention2D': 18, 'aten::add': 36}
+    monkeypatch.setattr(get_flops, 'count', lambda model, inputs: (1, 1, uncounted))
+    with pytest.raises(get_flops.ToolError, match='neighborhood attention was not counted'):
+        run(['--backbone', 'nat-mini', '--shape', '64'])
+
+
+# A 32-channel, 4-layer backbone (as tests/test_configs.py shrinks configs) keeps these fast.
+TINY_BACKBONE = {
+    'model.backbone.arch': None,
+    'model.backbone.embed_dim': 32,
+    'model.backbone.depths': [1, 1, 1, 1],
+    'model.backbone.num_heads': [1, 2, 4, 8],
+    'model.backbone.mlp_ratio': 2.0,
+}
+
+
+def as_cfg_options(options: dict) -> list[str]:
+    def text(value):
+        return '[' + ','.join(map(str, value)) + ']' if isinstance(value, list) else str(value)
+
+    return ['--cfg-options', *(f'{key}={text(value)}' for key, value in options.items())]
+
+
+def backbone_macs(config: Path, options: dict, side: int) -> int:
+    model, _ = get_flops.build_config_model(str(config), options)
+    return get_flops.count(model.backbone, torch.rand(1, 3, side, side))[1]
+
+
+def test_segmentor_config_counts_backbone_and_decode_head_only():
+    pytest.importorskip('mmseg', reason='mmsegmentation is not installed')
+    needs_na_flop_handle()
+    options = {
+        **TINY_BACKBONE,
+        'model.decode_head.in_channels': [32, 64, 128, 256],
+        'model.auxiliary_head.in_channels': 128,
+    }
+    whole = run([str(UPERNET_MINI), '--shape', '64', *as_cfg_options(options)])
+    model, _ = get_flops.build_config_model(str(UPERNET_MINI), options)
+    assert model.auxiliary_head is None
+    expected_params = sum(
+        p.numel() for part in (model.backbone, model.decode_head) for p in part.parameters()
+    )
+    assert whole['params'] == expected_params
+    assert whole['macs'] > backbone_macs(UPERNET_MINI, options, 64) > 0
+
+
+def test_detector_config_runs_rpn_and_roi_heads():
+    pytest.importorskip('mmdet', reason='mmdet is not installed')
+    needs_na_flop_handle()
+    options = {
+        **TINY_BACKBONE,
+        'model.neck.in_channels': [32, 64, 128, 256],
+        'model.test_cfg.rpn.max_per_img': 20,
+    }
+    whole = run([str(MASK_RCNN_MINI), '--shape', '128', *as_cfg_options(options)])
+    # Even on 20 proposals the RoI box head (two 1024-wide FC layers on 7x7x256 RoIs, 13.9 M
+    # MACs per RoI) outweighs this backbone many times, so a count that skipped heads fails.
+    assert whole['macs'] > backbone_macs(MASK_RCNN_MINI, options, 128) + 20 * 13_000_000
+    assert whole['params'] > 10_000_000
+
+
+@pytest.mark.parametrize(
+    ('argv', 'message'),
+    [
+        (['configs/does-not-exist.py'], 'config file not found'),
+        (['--backbone', 'nat-huge'], "--backbone='nat-huge' is not known"),
+        (['--backbone', 'nat-mini', '--shape', '1', '2', '3'], '--shape expects S or H W'),
+    ],
+)
+def test_bad_input_exits_with_status_1_and_a_message(argv, message, capsys):
+    assert get_flops.main(argv) == 1
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    'argv',
+    [[], [str(UPERNET_MINI), '--backbone', 'nat-mini'], [str(UPERNET_MINI), '--dilations', 'coco']],
+)
+def test_conflicting_arguments_are_usage_errors(argv):
+    with pytest.raises(SystemExit) as exit_info:
+        get_flops.parse_args(argv)
+    assert exit_info.value.code == 2

@@ -1,0 +1,265 @@
+"""Benchmark na2d backends against the gather oracle and Swin-style window attention.
+
+Shapes: the NAT-Tiny layers at a COCO-sized input (800 x 1216 image -> stage 1 is 200 x 304
+tokens), kernel 7, head_dim 32, with RPB, plus DiNAT's detection dilations. Every method sees the
+same q, k, v (and an RPB table) and is timed in the same run:
+
+- each available na2d backend (`nat_mm.ops.available_backends()`);
+- `oracle`: the gather reference of tests/na_oracle.py (K*K copies of k and v);
+- `window`: Swin-style window attention on the same tokens (window 7, maps padded to multiples of
+  7, batched `scaled_dot_product_attention` with the gathered relative-position bias as its mask),
+  the speed/memory target.
+
+Time: median of `--repeats` runs of the forward, and of forward + backward (gradients to q, k, v
+and the bias table). Memory, CPU: peak resident memory of the process during one forward +
+backward above the resident memory just before it (inputs included in neither), read from
+/proc/self/status VmHWM after resetting it through /proc/self/clear_refs. glibc keeps freed
+heap memory resident, so the script re-executes itself with MALLOC_MMAP_THRESHOLD_=65536: every
+tensor larger than 64 KiB gets its own mapping, returned to the OS when freed. Memory, CUDA:
+`torch.cuda.max_memory_allocated` above the allocation before the run.
+
+Usage:
+    python tools/benchmark_na.py --device cpu --dtype float32 --repeats 5 --stages 1,2,3,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / 'tests'))
+
+import na_oracle  # noqa: E402
+
+from nat_mm.ops import available_backends, na2d  # noqa: E402
+
+# (stage, H, W, heads, dilation): NAT-Tiny / DiNAT-Tiny at 800 x 1216, head_dim 32, kernel 7.
+LAYERS = [
+    (1, 200, 304, 2, 1),
+    (1, 200, 304, 2, 28),
+    (2, 100, 152, 4, 1),
+    (2, 100, 152, 4, 7),
+    (2, 100, 152, 4, 14),
+    (3, 50, 76, 8, 1),
+    (3, 50, 76, 8, 3),
+    (3, 50, 76, 8, 5),
+    (3, 50, 76, 8, 7),
+    (4, 25, 38, 16, 1),
+    (4, 25, 38, 16, 3),
+]
+HEAD_DIM = 32
+KERNEL = 7
+MALLOC_ENV = 'MALLOC_MMAP_THRESHOLD_'
+
+Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+Method = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor, dilation: int
+) -> torch.Tensor:
+    """Swin-style (non-shifted) window attention, window = KERNEL, on [B, H, W, heads, D].
+
+    `rpb` [heads, 2K-1, 2K-1] is gathered into the [heads, K*K, K*K] bias as Swin does.
+    `dilation` is ignored: window attention has none; it is the same cost target.
+    """
+    batch, height, width, heads, head_dim = q.shape
+    pad_h, pad_w = -height % KERNEL, -width % KERNEL
+    windows_h, windows_w = (height + pad_h) // KERNEL, (width + pad_w) // KERNEL
+
+    def partition(x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (0, 0, 0, 0, 0, pad_w, 0, pad_h))
+        x = x.view(batch, windows_h, KERNEL, windows_w, KERNEL, heads, head_dim)
+        x = x.permute(0, 1, 3, 5, 2, 4, 6)
+        return x.reshape(batch * windows_h * windows_w, heads, KERNEL * KERNEL, head_dim)
+
+    coords = torch.stack(
+        torch.meshgrid(torch.arange(KERNEL), torch.arange(KERNEL), indexing='ij')
+    ).flatten(1)
+    relative = coords[:, :, None] - coords[:, None, :] + KERNEL - 1  # [2, K*K, K*K]
+    bias = rpb[:, relative[0], relative[1]].to(q.dtype)  # [heads, K*K, K*K]
+    out = F.scaled_dot_product_attention(partition(q), partition(k), partition(v), attn_mask=bias)
+    out = out.view(batch, windows_h, windows_w, heads, KERNEL, KERNEL, head_dim)
+    out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(
+        batch, windows_h * KERNEL, windows_w * KERNEL, heads, head_dim
+    )
+    return out[:, :height, :width]
+
+
+def methods(dilation: int, backends: list[str]) -> dict[str, Method]:
+    table: dict[str, Method] = {}
+    for name in backends:
+        table[name] = lambda q, k, v, rpb, name=name: na2d(
+            q, k, v, KERNEL, dilation, rpb=rpb, backend=name
+        )
+    table['oracle'] = lambda q, k, v, rpb: na_oracle.na2d_oracle(q, k, v, KERNEL, dilation, rpb)
+    table['window'] = lambda q, k, v, rpb: window_attention(q, k, v, rpb, dilation)
+    return table
+
+
+def make_inputs(
+    batch: int, height: int, width: int, heads: int, device: str, dtype: torch.dtype
+) -> Inputs:
+    q, k, v, rpb = na_oracle.random_inputs(
+        (batch, height, width, heads, HEAD_DIM), (KERNEL, KERNEL), True
+    )
+    return tuple(x.to(device, dtype).requires_grad_() for x in (q, k, v, rpb))
+
+
+def synchronize(device: str) -> None:
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def median_time(run: Callable[[], object], repeats: int, device: str) -> float:
+    run()  # warm-up (caches, compilation)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        run()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _proc_status_bytes(key: str) -> int:
+    with open('/proc/self/status') as status:
+        for line in status:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f'{key} not in /proc/self/status')
+
+
+def peak_memory(run: Callable[[], object], device: str) -> float:
+    """Peak extra memory (bytes) of one `run()` (see the module docstring)."""
+    run()
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with open('/proc/self/clear_refs', 'w') as clear_refs:
+        clear_refs.write('5')  # reset VmHWM to the current RSS
+    before = _proc_status_bytes('VmRSS:')
+    run()
+    return _proc_status_bytes('VmHWM:') - before
+
+
+def measure(method: Method, inputs: Inputs, repeats: int, device: str) -> dict[str, float | None]:
+    def forward() -> None:
+        with torch.no_grad():
+            method(*inputs)
+
+    def forward_backward() -> None:
+        method(*inputs).sum().backward()
+        for x in inputs:
+            x.grad = None
+
+    try:
+        result: dict[str, float | None] = {'fwd': median_time(forward, repeats, device)}
+    except RuntimeError as error:  # a backend that cannot run these inputs
+        print(f'  skipped: {error}')
+        return {'fwd': None, 'fwd_bwd': None, 'mem': None}
+    try:
+        result['fwd_bwd'] = median_time(forward_backward, repeats, device)
+        result['mem'] = peak_memory(forward_backward, device)
+    except (RuntimeError, NotImplementedError):  # forward-only backends
+        result['fwd_bwd'] = result['mem'] = None
+    return result
+
+
+def _ratio(value: float | None, target: float | None) -> str:
+    return f'{value / target:5.2f}x' if value is not None and target else '   - '
+
+
+def _cell(value: float | None, unit: float, fmt: str) -> str:
+    return format(value / unit, fmt) if value is not None else '-'.rjust(len(format(0.0, fmt)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'])
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--stages', default='1,2,3,4', help='comma-separated stage numbers')
+    parser.add_argument('--batch', type=int, default=1)
+    parser.add_argument('--threads', type=int, default=1, help='torch CPU threads')
+    parser.add_argument(
+        '--methods', default='', help='comma-separated subset (backends, oracle, window)'
+    )
+    parser.add_argument(
+        '--oracle-max-tokens',
+        type=int,
+        default=20000,
+        help='skip the gather oracle above this many tokens per image (its memory is K*K x k, v)',
+    )
+    args = parser.parse_args()
+    if args.device == 'cpu' and os.environ.get(MALLOC_ENV) is None:
+        os.environ[MALLOC_ENV] = '65536'
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    stages = {int(s) for s in args.stages.split(',')}
+    wanted = set(filter(None, args.methods.split(',')))
+    print(
+        f'torch {torch.__version__}, device {args.device}, dtype {args.dtype}, '
+        f'batch {args.batch}, threads {args.threads}, repeats {args.repeats}, '
+        f'backends {available_backends()}'
+    )
+    print('time in ms (median), mem = peak extra MiB during fwd+bwd; ratios vs window attention')
+    header = (
+        f'{"layer":<22}{"method":<8}{"fwd":>9}{"fwd+bwd":>10}{"mem":>9}'
+        f'{"fwd":>8}{"f+b":>8}{"mem":>8}'
+    )
+    print(header)
+    print('-' * len(header))
+    for stage, height, width, heads, dilation in LAYERS:
+        if stage not in stages:
+            continue
+        inputs = make_inputs(args.batch, height, width, heads, args.device, dtype)
+        backends = available_backends()
+        if args.device == 'cpu' and not wanted:
+            # On CPU, natten and flex are forward-only and build dense score matrices / masks
+            # for maps this size (60800^2 at stage 1): opt in with --methods.
+            backends = ['torch']
+        table = methods(dilation, backends)
+        if height * width > args.oracle_max_tokens:
+            table.pop('oracle')
+        if wanted:
+            table = {name: method for name, method in table.items() if name in wanted}
+        window = table.pop('window', None)
+        results = {}
+        if window is not None:
+            results['window'] = measure(window, inputs, args.repeats, args.device)
+        for name, method in table.items():
+            results[name] = measure(method, inputs, args.repeats, args.device)
+        target = results.get('window', {})
+        label = f'S{stage} {height}x{width} h{heads} d{dilation}'
+        for name, result in results.items():
+            print(
+                f'{label:<22}{name:<8}'
+                f'{_cell(result["fwd"], 1e-3, "9.1f")}{_cell(result["fwd_bwd"], 1e-3, "10.1f")}'
+                f'{_cell(result["mem"], 2**20, "9.1f")}'
+                f'{_ratio(result["fwd"], target.get("fwd")):>8}'
+                f'{_ratio(result["fwd_bwd"], target.get("fwd_bwd")):>8}'
+                f'{_ratio(result["mem"], target.get("mem")):>8}'
+            )
+            label = ''
+        sys.stdout.flush()
+
+
+if __name__ == '__main__':
+    main()
