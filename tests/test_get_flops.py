@@ -138,9 +138,10 @@ def test_detector_config_runs_rpn_and_roi_heads():
         'model.test_cfg.rpn.max_per_img': 20,
     }
     whole = run([str(MASK_RCNN_MINI), '--shape', '128', *as_cfg_options(options)])
-    # Even on 20 proposals the RoI box head (two 1024-wide FC layers on 7x7x256 RoIs, 13.9 M
-    # MACs per RoI) outweighs this backbone many times, so a count that skipped heads fails.
-    assert whole['macs'] > backbone_macs(MASK_RCNN_MINI, options, 128) + 20 * 13_000_000
+    # The whole two-stage detector is counted, not its backbone alone: the 256-channel FPN, RPN
+    # and RoI heads (the box head's two 1024-wide FC layers are 13.9 M MACs per RoI) are many
+    # times this 32-channel backbone.
+    assert whole['macs'] > 5 * backbone_macs(MASK_RCNN_MINI, options, 128)
     assert whole['params'] > 10_000_000
 
 

@@ -121,6 +121,12 @@ fi
 log "installing mmdet, mmsegmentation, pycocotools, dev tools and nat_mm (editable)"
 "${PIP[@]}" install --quiet --no-build-isolation -e "$ROOT[openmmlab,dev]"
 
+# panopticapi (mmdet's COCO panoptic loading and PQ metric) is git-only upstream; panopticapi-lite
+# ships the same module. --no-deps: its metadata pins numpy<2, which the code itself does not need.
+if ! "$PY" -c 'import panopticapi' >/dev/null 2>&1; then
+    "${PIP[@]}" install --quiet --no-deps panopticapi-lite==0.2.0
+fi
+
 # NATTEN: pure Python on a CPU machine (its Flex backend); on CUDA its kernels need a long source
 # build or NATTEN's own wheels, so it is left to the user there (pip install natten, see README).
 if ! has_cuda && ! "$PY" -c 'import natten' >/dev/null 2>&1; then

@@ -14,7 +14,7 @@ data_root = 'data/nat_mm_demo/ade/ADEChallengeData2016'
 classes = ('wall', 'floor', 'circle', 'square', 'triangle')
 palette = [[120, 120, 120], [80, 50, 50], [230, 25, 75], [60, 180, 75], [0, 130, 200]]
 crop_size = (128, 128)
-max_iters = 200
+max_iters = 400
 norm_cfg = dict(type='BN', requires_grad=True)
 
 model = dict(
@@ -107,7 +107,7 @@ default_hooks = dict(
     timer=dict(type='IterTimerHook'),
     logger=dict(type='LoggerHook', interval=20, log_metric_by_epoch=False),
     param_scheduler=dict(type='ParamSchedulerHook'),
-    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=100, max_keep_ckpts=2),
+    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=200, max_keep_ckpts=2),
     sampler_seed=dict(type='DistSamplerSeedHook'),
     visualization=dict(type='SegVisualizationHook'),
 )

@@ -14,7 +14,7 @@ data_root = 'data/nat_mm_demo/coco/'
 classes = ('circle', 'square', 'triangle')
 image_scale = (128, 128)
 neck_channels = 64
-max_iters = 300
+max_iters = 800
 
 model = dict(
     backbone=dict(
@@ -105,7 +105,7 @@ optim_wrapper = dict(
 
 default_hooks = dict(
     logger=dict(interval=20),
-    checkpoint=dict(by_epoch=False, interval=100, max_keep_ckpts=2),
+    checkpoint=dict(by_epoch=False, interval=200, max_keep_ckpts=2),
 )
 log_processor = dict(by_epoch=False)
 env_cfg = dict(cudnn_benchmark=False)
