@@ -19,7 +19,6 @@ from nat_mm.data import DemoDataSettings
 
 LIBRARIES = ('mmdet', 'mmseg')
 _PACKAGE_OF = {'mmdet': 'mmdet', 'mmseg': 'mmsegmentation'}
-_KEYS_SHOWN = 10
 
 
 class ToolError(Exception):
@@ -198,9 +197,8 @@ def _checkpoint_state_dict(checkpoint_path: str) -> dict:
 
 
 def _listing(keys: list[str]) -> str:
-    shown = ', '.join(keys[:_KEYS_SHOWN])
-    more = len(keys) - _KEYS_SHOWN
-    return shown + (f', ... ({more} more)' if more > 0 else '')
+    # Every key, not a sample: a mismatch is only fixable when all of it is in view.
+    return ', '.join(keys)
 
 
 def check_checkpoint_matches(cfg: Config, checkpoint_path: str, library: str) -> None:

@@ -39,7 +39,7 @@ def test_short_training_then_evaluation(family, demo_data, tmp_path):
     if family == 'detector':
         pytest.importorskip('pycocotools', reason='pycocotools is not installed')
     overrides = tool('main_job', f'{family[:3]}_overrides')(demo_data, ITERATIONS)
-    options = ['--cfg-options', *overrides, 'train_dataloader.batch_size=1']
+    options = ['--cfg-options', *overrides, 'train_dataloader.batch_size=2']
     work_dir = tmp_path / 'work'
     tool('train')([CONFIGS[family], '--work-dir', str(work_dir), *options])
     checkpoint = work_dir / f'iter_{ITERATIONS}.pth'

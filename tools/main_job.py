@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import os.path as osp
+import signal
 import subprocess
 import sys
 import time
@@ -170,6 +171,8 @@ def summarize(results: dict, work_dir: str) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    # SIGTERM becomes SystemExit, so subprocess.run kills the running step instead of orphaning it.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     start = time.perf_counter()
     work_dir = osp.abspath(args.work_dir)
     data_root = osp.abspath(args.data_root)
