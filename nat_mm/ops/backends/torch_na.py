@@ -197,7 +197,7 @@ def _tiled_forward(
     return out_tiles
 
 
-# Logit elements per chunk (fp32: 16 MiB): big enough for efficient matmuls, small enough
+# Logit elements per chunk (fp32: 512 KiB): big enough for efficient matmuls, small enough
 # to stay near cache and keep peak memory near the inputs.
 CHUNK_ELEMENTS = 1 << 17
 
