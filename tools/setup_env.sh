@@ -81,7 +81,7 @@ build_mmcv() {
     # torch >= 2.10 headers need C++20; mmcv 2.1.0 hard-codes -std=c++14/17.
     sed -i -E 's/(-std=|\/std:)c\+\+1[47]/\1c++20/g' "$src/setup.py"
     local jobs="${MAX_JOBS:-$(nproc)}"
-    log "building mmcv $MMCV_VERSION with compiled ops ($jobs jobs; about an hour on 2 cores, once)"
+    log "building mmcv $MMCV_VERSION with compiled ops ($jobs jobs; ~15-20 min on 2 idle cores, once)"
     log "full build log: $blog"
     # -g0: no debug info (smaller wheel, faster compile).
     (cd "$src" && MAX_JOBS="$jobs" CFLAGS="-g0" CXXFLAGS="-g0" "${PIP[@]}" wheel -v \
