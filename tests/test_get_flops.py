@@ -145,6 +145,38 @@ def test_detector_config_runs_rpn_and_roi_heads():
     assert whole['params'] > 10_000_000
 
 
+CASCADE_MINI = (
+    ROOT / 'configs/mmdet/nat/cascade-mask-rcnn_nat-mini_fpn_4conv1fc-giou_ms-crop-3x_coco.py'
+)
+
+
+def test_cascade_mask_heads_count_the_first_rois_unless_asked(monkeypatch):
+    """Published cascade counts ran the three mask heads on the first 100 RoIs; mmdet 3.x's tensor
+    mode runs them on every proposal (--all-mask-rois). Here: 3 of at most 12 proposals."""
+    pytest.importorskip('mmdet', reason='mmdet is not installed')
+    needs_na_flop_handle()
+    monkeypatch.setattr(get_flops, 'MASK_ROIS', 3)
+    options = {
+        **TINY_BACKBONE,
+        'model.neck.in_channels': [32, 64, 128, 256],
+        'model.test_cfg.rpn.max_per_img': 12,
+    }
+    argv = [str(CASCADE_MINI), '--shape', '128', *as_cfg_options(options)]
+    first = run(argv)
+    every = run([*argv, '--all-mask-rois'])
+    # MACs of one mask head on one 14 x 14 RoI feature, counted by the same analyzer.
+    from mmengine.analysis import FlopAnalyzer
+
+    model, _ = get_flops.build_config_model(str(CASCADE_MINI), options)
+    mask_head = model.roi_head.mask_head[0].eval()
+    with torch.no_grad():
+        per_roi = FlopAnalyzer(mask_head, (torch.rand(1, 256, 14, 14),)).total()
+    extra_rois, remainder = divmod(every['macs'] - first['macs'], 3 * per_roi)
+    assert remainder == 0
+    assert 1 <= extra_rois <= 12 - 3
+    assert first['params'] == every['params']
+
+
 @pytest.mark.parametrize(
     ('argv', 'message'),
     [

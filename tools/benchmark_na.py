@@ -234,7 +234,7 @@ def main() -> None:
         if args.device == 'cpu' and not wanted:
             # On CPU, natten and flex are forward-only and build dense score matrices / masks
             # for maps this size (60800^2 at stage 1): opt in with --methods.
-            backends = ['torch']
+            backends = [name for name in backends if name in ('cpu', 'torch')]
         table = methods(dilation, backends)
         if height * width > args.oracle_max_tokens:
             table.pop('oracle')

@@ -13,14 +13,19 @@ from types import ModuleType
 
 import torch
 
-from . import flex_na, natten_na, torch_na
+from . import cpu_na, flex_na, natten_na, torch_na
 
-BACKENDS: dict[str, ModuleType] = {module.NAME: module for module in (natten_na, flex_na, torch_na)}
+BACKENDS: dict[str, ModuleType] = {
+    module.NAME: module for module in (natten_na, flex_na, cpu_na, torch_na)
+}
 
 # Automatic choice, best first. On CUDA NATTEN's fused kernels (no RPB) beat Flex, which beats the
-# tiled torch path. On CPU NATTEN and Flex are forward-only or slower, so torch is the only choice
-# (they can still be forced).
-AUTO_PRIORITY: dict[str, tuple[str, ...]] = {'cuda': ('natten', 'flex', 'torch')}
+# tiled torch path. On CPU the compiled kernel (float32 / float64) beats the tiled torch path;
+# NATTEN and Flex are forward-only or slower there (they can still be forced).
+AUTO_PRIORITY: dict[str, tuple[str, ...]] = {
+    'cuda': ('natten', 'flex', 'torch'),
+    'cpu': ('cpu', 'torch'),
+}
 FALLBACK_PRIORITY: tuple[str, ...] = ('torch',)
 
 

@@ -1,4 +1,8 @@
-"""The torch backend of na2d against the gather oracle (tests/na_oracle.py)."""
+"""The exact CPU backends of na2d (`torch`, and the compiled `cpu`) against the gather oracle.
+
+The oracle is tests/na_oracle.py. The `cpu` backend needs a C compiler; where it cannot be built
+its tests skip with the reason.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import pytest
 import torch
 
 from nat_mm.ops import na2d
+from nat_mm.ops.backends import cpu_na
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import na_oracle
@@ -40,6 +45,15 @@ CASES = [
 
 TOLERANCES = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (3e-2, 3e-2)}
 
+CPU_KERNEL = pytest.param(
+    'cpu',
+    marks=pytest.mark.skipif(
+        cpu_na.unavailable_reason() is not None,
+        reason=f'compiled CPU kernel unavailable: {cpu_na.unavailable_reason()}',
+    ),
+)
+BACKENDS = ['torch', CPU_KERNEL]
+
 
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else value
@@ -56,6 +70,7 @@ def _run_case(
     heads: int = 2,
     head_dim: int = 8,
     check_grads: bool = True,
+    backend: str = 'torch',
 ) -> None:
     kernel = _pair(kernel_size)
     q, k, v, rpb = na_oracle.random_inputs(
@@ -68,7 +83,7 @@ def _run_case(
     ref_q, ref_k, ref_v = reference_inputs[:3]
     ref_rpb = reference_inputs[3] if with_rpb else None
 
-    out = na2d(q, k, v, kernel_size, dilation, rpb=rpb, backend='torch')
+    out = na2d(q, k, v, kernel_size, dilation, rpb=rpb, backend=backend)
     ref = na_oracle.na2d_oracle(ref_q, ref_k, ref_v, kernel_size, dilation, ref_rpb)
     assert out.dtype == dtype
     assert out.shape == q.shape
@@ -87,58 +102,70 @@ def _run_case(
 
 # A deterministic sample of (case x rpb x dtype): every case runs in fp32 with and without rpb;
 # bf16 on a third of them. The full cross product is in test_exhaustive_sweep (slow).
+@pytest.mark.parametrize('backend', BACKENDS)
 @pytest.mark.parametrize('case', CASES, ids=str)
 @pytest.mark.parametrize('with_rpb', [False, True], ids=['no_rpb', 'rpb'])
-def test_matches_oracle_fp32(case: tuple, with_rpb: bool) -> None:
-    _run_case(*case, with_rpb=with_rpb, dtype=torch.float32)
+def test_matches_oracle_fp32(case: tuple, with_rpb: bool, backend: str) -> None:
+    _run_case(*case, with_rpb=with_rpb, dtype=torch.float32, backend=backend)
 
 
 @pytest.mark.parametrize('case', CASES[::3], ids=str)
 def test_matches_oracle_bf16(case: tuple) -> None:
+    # bf16 runs on the torch backend only (the compiled kernel takes float32 / float64).
     _run_case(*case, with_rpb=True, dtype=torch.bfloat16)
 
 
-def test_batch_one_single_head_large_head_dim() -> None:
-    _run_case(15, 10, 5, 2, with_rpb=True, dtype=torch.float32, batch=1, heads=1, head_dim=64)
+@pytest.mark.parametrize('backend', BACKENDS)
+@pytest.mark.parametrize('head_dim', [3, 12, 32, 64])
+def test_head_dims(head_dim: int, backend: str) -> None:
+    """Head dims that are and are not whole vectors (the compiled kernel pads them)."""
+    _run_case(
+        15, 10, 5, 2, with_rpb=True, dtype=torch.float32, batch=1, heads=1,
+        head_dim=head_dim, backend=backend,
+    )  # fmt: skip
 
 
-def test_non_contiguous_inputs() -> None:
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_non_contiguous_inputs(backend: str) -> None:
     q, k, v, rpb = na_oracle.random_inputs((2, 12, 16, 3, 8), (5, 5), True)
     # Same values, transposed storage (and a sliced rpb) so no input is contiguous.
     q_nc, k_nc, v_nc = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
     rpb_nc = torch.cat([rpb, rpb], dim=-1)[..., ::2][..., : rpb.shape[-1]]
     rpb_nc = rpb.repeat_interleave(2, dim=-1)[..., ::2]
     assert not q_nc.is_contiguous() and not rpb_nc.is_contiguous()
-    out = na2d(q_nc, k_nc, v_nc, 5, 2, rpb=rpb_nc, backend='torch')
+    out = na2d(q_nc, k_nc, v_nc, 5, 2, rpb=rpb_nc, backend=backend)
     ref = na_oracle.na2d_oracle(q.double(), k.double(), v.double(), 5, 2, rpb.double())
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
 
 
-def test_custom_scale() -> None:
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_custom_scale(backend: str) -> None:
     q, k, v, rpb = na_oracle.random_inputs((1, 9, 9, 2, 4), (3, 3), True)
-    out = na2d(q, k, v, 3, 2, rpb=rpb, scale=0.7, backend='torch')
+    out = na2d(q, k, v, 3, 2, rpb=rpb, scale=0.7, backend=backend)
     ref = na_oracle.na2d_oracle(q.double(), k.double(), v.double(), 3, 2, rpb.double(), 0.7)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize('backend', BACKENDS)
 @pytest.mark.parametrize(
     ('height', 'width', 'kernel_size', 'dilation'),
     [(5, 7, 3, 1), (7, 6, 3, 2), (6, 9, (3, 3), (2, 3))],
 )
-def test_gradcheck_float64(height: int, width: int, kernel_size, dilation) -> None:
+def test_gradcheck_float64(height: int, width: int, kernel_size, dilation, backend: str) -> None:
     q, k, v, rpb = na_oracle.random_inputs(
         (1, height, width, 2, 3), _pair(kernel_size), True, torch.float64
     )
     inputs = tuple(x.requires_grad_() for x in (q, k, v, rpb))
 
     def function(q, k, v, rpb):
-        return na2d(q, k, v, kernel_size, dilation, rpb=rpb, backend='torch')
+        return na2d(q, k, v, kernel_size, dilation, rpb=rpb, backend=backend)
 
     assert torch.autograd.gradcheck(function, inputs, fast_mode=True)
 
 
 @pytest.mark.slow
-def test_exhaustive_sweep() -> None:
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_exhaustive_sweep(backend: str) -> None:
     """Kernels 3..13 x dilations 1..8 x sizes from K*d to K*d + 5, sampled per (K, d)."""
     rng = random.Random(0)
     for kernel_size, dilation in itertools.product(range(3, 14, 2), range(1, 9)):
@@ -157,6 +184,7 @@ def test_exhaustive_sweep() -> None:
                 batch=1,
                 heads=1,
                 head_dim=4,
+                backend=backend,
             )
 
 
@@ -169,10 +197,11 @@ def test_many_chunks_match_oracle(monkeypatch: pytest.MonkeyPatch) -> None:
     _run_case(19, 26, 3, 1, with_rpb=True, dtype=torch.float32)
 
 
-def test_no_grad_path_matches_oracle() -> None:
+@pytest.mark.parametrize('backend', BACKENDS)
+def test_no_grad_path_matches_oracle(backend: str) -> None:
     q, k, v, rpb = na_oracle.random_inputs((2, 17, 14, 2, 8), (5, 5), True)
     with torch.no_grad():
-        out = na2d(q, k, v, 5, (3, 2), rpb=rpb, backend='torch')
+        out = na2d(q, k, v, 5, (3, 2), rpb=rpb, backend=backend)
     ref = na_oracle.na2d_oracle(q.double(), k.double(), v.double(), 5, (3, 2), rpb.double())
     assert not out.requires_grad
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
