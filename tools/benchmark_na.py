@@ -11,12 +11,14 @@ same q, k, v (and an RPB table) and is timed in the same run:
   the speed/memory target.
 
 Time: median of `--repeats` runs of the forward, and of forward + backward (gradients to q, k, v
-and the bias table). Memory, CPU: peak resident memory of the process during one forward +
+and the bias table), in this process. Memory, CPU: peak resident memory during one forward +
 backward above the resident memory just before it (inputs included in neither), read from
 /proc/self/status VmHWM after resetting it through /proc/self/clear_refs. glibc keeps freed
-heap memory resident, so the script re-executes itself with MALLOC_MMAP_THRESHOLD_=65536: every
-tensor larger than 64 KiB gets its own mapping, returned to the OS when freed. Memory, CUDA:
-`torch.cuda.max_memory_allocated` above the allocation before the run.
+heap memory resident, so memory is measured in a child process (one per layer) run with
+MALLOC_MMAP_THRESHOLD_=65536: every tensor larger than 64 KiB gets its own mapping, returned to the
+OS when freed. Timing stays in this process, with the default allocator: mapping every tensor
+afresh would add page faults that real training does not have. Memory, CUDA:
+`torch.cuda.max_memory_allocated` above the allocation before the run, in this process.
 
 Usage:
     python tools/benchmark_na.py --device cpu --dtype float32 --repeats 5 --stages 1,2,3,4
@@ -25,9 +27,11 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -158,16 +162,23 @@ def peak_memory(run: Callable[[], object], device: str) -> float:
     return _proc_status_bytes('VmHWM:') - before
 
 
-def measure(method: Method, inputs: Inputs, repeats: int, device: str) -> dict[str, float | None]:
-    def forward() -> None:
-        with torch.no_grad():
-            method(*inputs)
-
-    def forward_backward() -> None:
+def _forward_backward(method: Method, inputs: Inputs) -> Callable[[], None]:
+    def run() -> None:
         method(*inputs).sum().backward()
         for x in inputs:
             x.grad = None
 
+    return run
+
+
+def measure(
+    method: Method, inputs: Inputs, repeats: int, device: str, with_memory: bool
+) -> dict[str, float | None]:
+    def forward() -> None:
+        with torch.no_grad():
+            method(*inputs)
+
+    forward_backward = _forward_backward(method, inputs)
     try:
         result: dict[str, float | None] = {'fwd': median_time(forward, repeats, device)}
     except RuntimeError as error:  # a backend that cannot run these inputs
@@ -175,10 +186,33 @@ def measure(method: Method, inputs: Inputs, repeats: int, device: str) -> dict[s
         return {'fwd': None, 'fwd_bwd': None, 'mem': None}
     try:
         result['fwd_bwd'] = median_time(forward_backward, repeats, device)
-        result['mem'] = peak_memory(forward_backward, device)
+        result['mem'] = peak_memory(forward_backward, device) if with_memory else None
     except (RuntimeError, NotImplementedError):  # forward-only backends
         result['fwd_bwd'] = result['mem'] = None
     return result
+
+
+def memory_child(args: argparse.Namespace, layer: int, names: list[str]) -> None:
+    """Child mode: print {method: peak bytes of one fwd+bwd} of one layer as JSON."""
+    _, height, width, heads, dilation = LAYERS[layer]
+    inputs = make_inputs(args.batch, height, width, heads, args.device, getattr(torch, args.dtype))
+    table = methods(dilation, [n for n in names if n not in ('oracle', 'window')])
+    peaks = {}
+    for name in names:
+        try:
+            peaks[name] = peak_memory(_forward_backward(table[name], inputs), args.device)
+        except (RuntimeError, NotImplementedError):
+            peaks[name] = None
+    print(json.dumps(peaks))
+
+
+def cpu_memory(args: argparse.Namespace, layer: int, names: list[str]) -> dict[str, float | None]:
+    """Peak memory of each method, measured in a child process (see the module docstring)."""
+    command = [sys.executable, __file__, *sys.argv[1:], '--memory-child', str(layer)]
+    command += ['--methods', ','.join(names)]
+    environment = {**os.environ, MALLOC_ENV: '65536'}
+    child = subprocess.run(command, env=environment, capture_output=True, text=True, check=True)
+    return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def _ratio(value: float | None, target: float | None) -> str:
@@ -206,11 +240,12 @@ def main() -> None:
         default=20000,
         help='skip the gather oracle above this many tokens per image (its memory is K*K x k, v)',
     )
+    parser.add_argument('--memory-child', type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.device == 'cpu' and os.environ.get(MALLOC_ENV) is None:
-        os.environ[MALLOC_ENV] = '65536'
-        os.execv(sys.executable, [sys.executable, *sys.argv])
     torch.set_num_threads(args.threads)
+    if args.memory_child is not None:
+        memory_child(args, args.memory_child, args.methods.split(','))
+        return
     dtype = getattr(torch, args.dtype)
     stages = {int(s) for s in args.stages.split(',')}
     wanted = set(filter(None, args.methods.split(',')))
@@ -226,7 +261,7 @@ def main() -> None:
     )
     print(header)
     print('-' * len(header))
-    for stage, height, width, heads, dilation in LAYERS:
+    for layer, (stage, height, width, heads, dilation) in enumerate(LAYERS):
         if stage not in stages:
             continue
         inputs = make_inputs(args.batch, height, width, heads, args.device, dtype)
@@ -240,12 +275,15 @@ def main() -> None:
             table.pop('oracle')
         if wanted:
             table = {name: method for name, method in table.items() if name in wanted}
-        window = table.pop('window', None)
-        results = {}
-        if window is not None:
-            results['window'] = measure(window, inputs, args.repeats, args.device)
-        for name, method in table.items():
-            results[name] = measure(method, inputs, args.repeats, args.device)
+        in_process_memory = args.device != 'cpu'
+        ordered = dict(sorted(table.items(), key=lambda item: item[0] != 'window'))
+        results = {
+            name: measure(method, inputs, args.repeats, args.device, in_process_memory)
+            for name, method in ordered.items()
+        }
+        if not in_process_memory:
+            for name, peak in cpu_memory(args, layer, list(results)).items():
+                results[name]['mem'] = peak if results[name]['fwd_bwd'] is not None else None
         target = results.get('window', {})
         label = f'S{stage} {height}x{width} h{heads} d{dilation}'
         for name, result in results.items():

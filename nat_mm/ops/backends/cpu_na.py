@@ -8,9 +8,9 @@ source, the flags, the compiler and the CPU, and published atomically so concurr
 (torchrun) can build it at once. Without a working compiler the backend reports why and na2d
 falls back to the pure-PyTorch `torch` backend.
 
-float32 and float64 run natively; the backward recomputes each query's probabilities (nothing but
-q, k, v and the RPB is saved) and runs in parallel over (batch, head, sub-lattice, stripe of rows)
-items that never write the same key.
+float32 and float64 run natively. With autograd the forward keeps each query's Kh * Kw attention
+probabilities (what window attention keeps too) besides q, k and v; the backward runs in parallel
+over (batch, head, sub-lattice, stripe of rows) items that never write the same key.
 """
 
 from __future__ import annotations
@@ -232,7 +232,9 @@ def _forward(
     kernel_size: tuple[int, int],
     dilation: tuple[int, int],
     scale: float,
+    saved_probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """The C forward; fills `saved_probs` [B, H, W, heads, Kh * Kw] when given."""
     head_dim = q.shape[-1]
     q, k, v = _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
     rpb = rpb.contiguous() if rpb is not None else None
@@ -244,13 +246,14 @@ def _forward(
         *(_pointer(x) for x in (q, k, v, rpb)),
         ctypes.c_double(scale),
         _pointer(out),
+        _pointer(saved_probs),
         ctypes.c_int32(torch.get_num_threads()),
     )
     return out[..., :head_dim]
 
 
 class CpuNeighborhoodAttention(torch.autograd.Function):
-    """The C forward and backward as one autograd node (saves q, k, v and the RPB only)."""
+    """The C forward and backward as one autograd node (saves q, k, v and the probabilities)."""
 
     @staticmethod
     def forward(
@@ -265,24 +268,28 @@ class CpuNeighborhoodAttention(torch.autograd.Function):
     ) -> torch.Tensor:
         head_dim = q.shape[-1]
         q, k, v = _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
-        rpb = rpb.contiguous() if rpb is not None else None
-        ctx.save_for_backward(q, k, v, rpb)
-        ctx.options = (kernel_size, dilation, scale, head_dim)
-        return _forward(q, k, v, rpb, kernel_size, dilation, scale)[..., :head_dim]
+        probs = q.new_empty(*q.shape[:4], kernel_size[0] * kernel_size[1])
+        out = _forward(q, k, v, rpb, kernel_size, dilation, scale, probs)
+        ctx.save_for_backward(q, k, v, probs)
+        ctx.options = (kernel_size, dilation, scale, head_dim, rpb is not None)
+        return out[..., :head_dim]
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, rpb = ctx.saved_tensors
-        kernel_size, dilation, scale, head_dim = ctx.options
+        q, k, v, probs = ctx.saved_tensors
+        kernel_size, dilation, scale, head_dim, has_rpb = ctx.options
         grad_out = _kernel_layout(grad_out)
         grad_q = torch.empty_like(q)
         grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
-        grad_rpb = torch.zeros_like(rpb) if rpb is not None and ctx.needs_input_grad[3] else None
+        grad_rpb = None
+        if has_rpb and ctx.needs_input_grad[3]:
+            heads = q.shape[3]
+            grad_rpb = q.new_zeros(heads, 2 * kernel_size[0] - 1, 2 * kernel_size[1] - 1)
         geometry, _tables = _geometry(q, kernel_size, dilation)
         kernel = getattr(_library(), f'na2d_backward_{DTYPES[q.dtype]}')
         kernel(
             ctypes.byref(geometry),
-            *(_pointer(x) for x in (q, k, v, rpb)),
+            *(_pointer(x) for x in (q, k, v, probs)),
             ctypes.c_double(scale),
             *(_pointer(x) for x in (grad_out, grad_q, grad_k, grad_v, grad_rpb)),
             ctypes.c_int32(torch.get_num_threads()),

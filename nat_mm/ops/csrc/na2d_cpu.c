@@ -30,9 +30,15 @@ typedef struct {
     const int32_t *col_order; /* [W] */
 } na2d_geometry;
 
+/* Index of query (b, y, x, h) in [B, H, W, heads]. */
+static inline int64_t query_index(const na2d_geometry *g, int64_t b, int64_t y, int64_t x,
+                                  int64_t h) {
+    return ((b * g->height + y) * g->width + x) * g->heads + h;
+}
+
 static inline int64_t pixel_offset(const na2d_geometry *g, int64_t b, int64_t y, int64_t x,
                                    int64_t h) {
-    return (((b * g->height + y) * g->width + x) * g->heads + h) * g->dim;
+    return query_index(g, b, y, x, h) * g->dim;
 }
 
 /* sizeof(na2d_geometry), checked against the ctypes mirror before any call. */

@@ -78,21 +78,26 @@ INLINE void FN(forward_query)(const na2d_geometry *g, const REAL *q, const REAL 
 }
 
 /* One query row of one head, columns in sub-lattice order (neighbors share keys: cache reuse). */
+/* Probabilities go to `saved` (the query's slot of [B, H, W, heads, Kh * Kw]) when it is not
+ * NULL, for the backward; else to `scratch`. */
 static void FN(forward_row)(const na2d_geometry *g, const REAL *q, const REAL *k, const REAL *v,
-                            const REAL *rpb, REAL scale, REAL *out, int64_t b, int64_t y,
-                            int64_t h, REAL *probs) {
-    if (g->dim == 32) {
-        for (int64_t i = 0; i < g->width; ++i)
-            FN(forward_query)(g, q, k, v, rpb, scale, out, b, y, g->col_order[i], h, probs, 32);
-    } else {
-        for (int64_t i = 0; i < g->width; ++i)
-            FN(forward_query)(g, q, k, v, rpb, scale, out, b, y, g->col_order[i], h, probs,
-                              g->dim);
+                            const REAL *rpb, REAL scale, REAL *out, REAL *saved, int64_t b,
+                            int64_t y, int64_t h, REAL *scratch) {
+    const int64_t window = g->kernel_h * g->kernel_w;
+    for (int64_t i = 0; i < g->width; ++i) {
+        const int64_t x = g->col_order[i];
+        REAL *probs = saved != NULL ? saved + query_index(g, b, y, x, h) * window : scratch;
+        if (g->dim == 32)
+            FN(forward_query)(g, q, k, v, rpb, scale, out, b, y, x, h, probs, 32);
+        else
+            FN(forward_query)(g, q, k, v, rpb, scale, out, b, y, x, h, probs, g->dim);
     }
 }
 
+/* saved_probs: NULL, or [B, H, W, heads, Kh * Kw] to keep the probabilities for the backward. */
 void FN(na2d_forward)(const na2d_geometry *g, const REAL *q, const REAL *k, const REAL *v,
-                      const REAL *rpb, double scale, REAL *out, int32_t threads) {
+                      const REAL *rpb, double scale, REAL *out, REAL *saved_probs,
+                      int32_t threads) {
     const int64_t items = g->batch * g->heads * g->height;
     const int32_t window = g->kernel_h * g->kernel_w;
 #pragma omp parallel num_threads(threads)
@@ -103,7 +108,7 @@ void FN(na2d_forward)(const na2d_geometry *g, const REAL *q, const REAL *k, cons
             const int64_t y = g->row_order[item % g->height];
             const int64_t h = (item / g->height) % g->heads;
             const int64_t b = item / (g->height * g->heads);
-            FN(forward_row)(g, q, k, v, rpb, (REAL)scale, out, b, y, h, probs);
+            FN(forward_row)(g, q, k, v, rpb, (REAL)scale, out, saved_probs, b, y, h, probs);
         }
         free(probs);
     }
@@ -111,15 +116,15 @@ void FN(na2d_forward)(const na2d_geometry *g, const REAL *q, const REAL *k, cons
 
 /* Backward of one query: grad_q written, grad_k / grad_v / grad_rpb accumulated. */
 INLINE void FN(backward_query)(const na2d_geometry *g, const REAL *q, const REAL *k, const REAL *v,
-                               const REAL *rpb, REAL scale, const REAL *grad_out, REAL *grad_q,
-                               REAL *grad_k, REAL *grad_v, REAL *grad_rpb, int64_t b, int64_t y,
-                               int64_t x, int64_t h, REAL *probs, REAL *grad_probs,
+                               const REAL *saved_probs, REAL scale, const REAL *grad_out,
+                               REAL *grad_q, REAL *grad_k, REAL *grad_v, REAL *grad_rpb, int64_t b,
+                               int64_t y, int64_t x, int64_t h, REAL *grad_probs,
                                const int64_t dim) {
     const int64_t chunks = dim / LANES;
     const int64_t offset = pixel_offset(g, b, y, x, h);
     const REAL *query = q + offset;
     const REAL *grad_result = grad_out + offset;
-    FN(window_probs)(g, q, k, rpb, scale, b, y, x, h, probs, dim);
+    const REAL *probs = saved_probs + query_index(g, b, y, x, h) * g->kernel_h * g->kernel_w;
     /* d logits = P * (dO . V - sum_n P dO . V); the sum equals dO . O. */
     const int64_t key_step = g->dilation_w * g->heads * g->dim;
     REAL delta = 0;
@@ -158,21 +163,22 @@ INLINE void FN(backward_query)(const na2d_geometry *g, const REAL *q, const REAL
 }
 
 static void FN(backward_row)(const na2d_geometry *g, const REAL *q, const REAL *k, const REAL *v,
-                             const REAL *rpb, REAL scale, const REAL *grad_out, REAL *grad_q,
-                             REAL *grad_k, REAL *grad_v, REAL *grad_rpb, int64_t b, int64_t y,
-                             int64_t h, REAL *probs, REAL *grad_probs) {
+                             const REAL *saved_probs, REAL scale, const REAL *grad_out,
+                             REAL *grad_q, REAL *grad_k, REAL *grad_v, REAL *grad_rpb, int64_t b,
+                             int64_t y, int64_t h, REAL *grad_probs) {
     if (g->dim == 32) {
         for (int64_t i = 0; i < g->width; ++i)
-            FN(backward_query)(g, q, k, v, rpb, scale, grad_out, grad_q, grad_k, grad_v, grad_rpb,
-                               b, y, g->col_order[i], h, probs, grad_probs, 32);
+            FN(backward_query)(g, q, k, v, saved_probs, scale, grad_out, grad_q, grad_k, grad_v,
+                               grad_rpb, b, y, g->col_order[i], h, grad_probs, 32);
     } else {
         for (int64_t i = 0; i < g->width; ++i)
-            FN(backward_query)(g, q, k, v, rpb, scale, grad_out, grad_q, grad_k, grad_v, grad_rpb,
-                               b, y, g->col_order[i], h, probs, grad_probs, g->dim);
+            FN(backward_query)(g, q, k, v, saved_probs, scale, grad_out, grad_q, grad_k, grad_v,
+                               grad_rpb, b, y, g->col_order[i], h, grad_probs, g->dim);
     }
 }
 
-/* grad_k, grad_v and grad_rpb must be zero on entry; grad_rpb may be NULL (not needed).
+/* saved_probs: the forward's. grad_k, grad_v and grad_rpb must be zero on entry; grad_rpb may be
+ * NULL (not needed).
  *
  * Queries scatter into the keys of their windows, so work is split into items that write disjoint
  * memory: one (batch, head, row residue modulo the dilation, stripe of 2 * Kh sub-lattice rows).
@@ -180,7 +186,7 @@ static void FN(backward_row)(const na2d_geometry *g, const REAL *q, const REAL *
  * Kh / 2 at borders), so even stripes run in parallel, then odd ones. Each thread sums its RPB
  * gradient privately. */
 void FN(na2d_backward)(const na2d_geometry *g, const REAL *q, const REAL *k, const REAL *v,
-                       const REAL *rpb, double scale, const REAL *grad_out, REAL *grad_q,
+                       const REAL *saved_probs, double scale, const REAL *grad_out, REAL *grad_q,
                        REAL *grad_k, REAL *grad_v, REAL *grad_rpb, int32_t threads) {
     const int32_t window = g->kernel_h * g->kernel_w;
     const int64_t rpb_size = g->heads * (2 * g->kernel_h - 1) * (2 * g->kernel_w - 1);
@@ -194,7 +200,6 @@ void FN(na2d_backward)(const na2d_geometry *g, const REAL *q, const REAL *k, con
         grad_rpb != NULL ? calloc((size_t)(threads * rpb_size), sizeof(REAL)) : NULL;
 #pragma omp parallel num_threads(threads)
     {
-        REAL *probs = malloc(sizeof(REAL) * window);
         REAL *grad_probs = malloc(sizeof(REAL) * window);
         REAL *my_rpb = rpb_partial != NULL ? rpb_partial + omp_get_thread_num() * rpb_size : NULL;
         for (int64_t parity = 0; parity < 2; ++parity) {
@@ -211,12 +216,11 @@ void FN(na2d_backward)(const na2d_geometry *g, const REAL *q, const REAL *k, con
                 for (int64_t p = first; p < first + stripe; ++p) {
                     const int64_t y = residue + p * dilation;
                     if (y >= g->height) break;
-                    FN(backward_row)(g, q, k, v, rpb, (REAL)scale, grad_out, grad_q, grad_k,
-                                     grad_v, my_rpb, b, y, h, probs, grad_probs);
+                    FN(backward_row)(g, q, k, v, saved_probs, (REAL)scale, grad_out, grad_q,
+                                     grad_k, grad_v, my_rpb, b, y, h, grad_probs);
                 }
             }
         }
-        free(probs);
         free(grad_probs);
     }
     if (rpb_partial != NULL) {
