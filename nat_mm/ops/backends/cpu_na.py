@@ -37,7 +37,9 @@ DTYPES = {torch.float32: 'f32', torch.float64: 'f64'}
 VECTOR_BYTES = 32  # rows of q, k, v are padded to whole AVX vectors (na2d_cpu_impl.h)
 MAX_HEAD_DIM = 256  # MAX_DIM in na2d_cpu.c
 SOURCE_DIR = pathlib.Path(__file__).resolve().parents[1] / 'csrc'
-SOURCES = ('na2d_cpu.c', 'na2d_cpu_impl.h')
+# Read at import: the library is built from this snapshot, so it always matches this module's
+# ctypes declarations, even if the files change while a process runs.
+SOURCES = {name: (SOURCE_DIR / name).read_bytes() for name in ('na2d_cpu.c', 'na2d_cpu_impl.h')}
 # gnu11 rather than c11: ISO C mode turns off fusing a * b + c into FMA instructions.
 FLAGS = ('-O3', '-march=native', '-fopenmp', '-fPIC', '-shared', '-std=gnu11', '-fno-math-errno')
 
@@ -92,8 +94,8 @@ def _library() -> ctypes.CDLL | str:
     except (OSError, subprocess.CalledProcessError) as error:
         return f'C compiler {compiler} does not run: {error}'
     digest = hashlib.sha256()
-    for part in (*(SOURCE_DIR / name for name in SOURCES),):
-        digest.update(part.read_bytes())
+    for text in SOURCES.values():
+        digest.update(text)
     digest.update(' '.join(FLAGS).encode() + version.encode() + _cpu_signature().encode())
     target = _cache_dir() / f'na2d_cpu_{digest.hexdigest()[:16]}.so'
     if not target.exists():
@@ -104,9 +106,6 @@ def _library() -> ctypes.CDLL | str:
         library = ctypes.CDLL(str(target))
     except OSError as error:
         return f'cannot load {target}: {error}'
-    library.na2d_geometry_size.restype = ctypes.c_int64
-    if library.na2d_geometry_size() != ctypes.sizeof(_Geometry):
-        return f'{target} does not match the loaded cpu_na.py (kernel source edited since import?)'
     for suffix in DTYPES.values():
         getattr(library, f'na2d_forward_{suffix}').restype = None
         getattr(library, f'na2d_backward_{suffix}').restype = None
@@ -118,8 +117,10 @@ def _build(compiler: str, target: pathlib.Path) -> str | None:
     target.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        for name, text in SOURCES.items():
+            (pathlib.Path(scratch) / name).write_bytes(text)
         built = pathlib.Path(scratch) / target.name
-        command = [compiler, *FLAGS, '-o', str(built), str(SOURCE_DIR / SOURCES[0])]
+        command = [compiler, *FLAGS, '-o', str(built), str(pathlib.Path(scratch) / 'na2d_cpu.c')]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             return f'building the CPU kernel failed ({" ".join(command)}):\n{result.stderr[-2000:]}'

@@ -41,9 +41,6 @@ static inline int64_t pixel_offset(const na2d_geometry *g, int64_t b, int64_t y,
     return query_index(g, b, y, x, h) * g->dim;
 }
 
-/* sizeof(na2d_geometry), checked against the ctypes mirror before any call. */
-int64_t na2d_geometry_size(void) { return (int64_t)sizeof(na2d_geometry); }
-
 /* Offset in k / v of the first key of window row a of query (b, y, x, h); the row's keys follow
  * dilation_w * heads * dim elements apart. */
 static inline int64_t window_row(const na2d_geometry *g, int64_t b, int64_t y, int64_t x, int64_t h,
