@@ -114,10 +114,12 @@ void FN(na2d_forward)(const na2d_geometry *g, const REAL *q, const REAL *k, cons
     }
 }
 
-/* Backward of one query: grad_q written, grad_k / grad_v / grad_rpb accumulated. */
+/* Backward of one query: grad_q written, grad_k / grad_v accumulated, and the RPB gradient of
+ * head h accumulated into grad_rpb_head ([2Kh-1, 2Kw-1]; NULL when not needed). */
 INLINE void FN(backward_query)(const na2d_geometry *g, const REAL *q, const REAL *k, const REAL *v,
                                const REAL *saved_probs, REAL scale, const REAL *grad_out,
-                               REAL *grad_q, REAL *grad_k, REAL *grad_v, REAL *grad_rpb, int64_t b,
+                               REAL *grad_q, REAL *grad_k, REAL *grad_v, REAL *grad_rpb_head,
+                               int64_t b,
                                int64_t y, int64_t x, int64_t h, REAL *grad_probs,
                                const int64_t dim) {
     const int64_t chunks = dim / LANES;
@@ -141,10 +143,8 @@ INLINE void FN(backward_query)(const na2d_geometry *g, const REAL *q, const REAL
     for (int32_t a = 0; a < g->kernel_h; ++a) {
         int64_t slot = window_row(g, b, y, x, h, a);
         REAL *bias_grad = NULL;
-        if (grad_rpb != NULL) {
-            const int64_t bias_row = (int64_t)h * (2 * g->kernel_h - 1) + g->row_bias[y] + a;
-            bias_grad = grad_rpb + bias_row * rpb_w + g->col_bias[x];
-        }
+        if (grad_rpb_head != NULL)
+            bias_grad = grad_rpb_head + (int64_t)(g->row_bias[y] + a) * rpb_w + g->col_bias[x];
         for (int32_t c = 0, n = a * g->kernel_w; c < g->kernel_w; ++c, ++n, slot += key_step) {
             const REAL grad_logit = probs[n] * (grad_probs[n] - delta);
             const REAL grad_dot = grad_logit * scale;
@@ -164,16 +164,17 @@ INLINE void FN(backward_query)(const na2d_geometry *g, const REAL *q, const REAL
 
 static void FN(backward_row)(const na2d_geometry *g, const REAL *q, const REAL *k, const REAL *v,
                              const REAL *saved_probs, REAL scale, const REAL *grad_out,
-                             REAL *grad_q, REAL *grad_k, REAL *grad_v, REAL *grad_rpb, int64_t b,
+                             REAL *grad_q, REAL *grad_k, REAL *grad_v, REAL *grad_rpb_head,
+                             int64_t b,
                              int64_t y, int64_t h, REAL *grad_probs) {
     if (g->dim == 32) {
         for (int64_t i = 0; i < g->width; ++i)
             FN(backward_query)(g, q, k, v, saved_probs, scale, grad_out, grad_q, grad_k, grad_v,
-                               grad_rpb, b, y, g->col_order[i], h, grad_probs, 32);
+                               grad_rpb_head, b, y, g->col_order[i], h, grad_probs, 32);
     } else {
         for (int64_t i = 0; i < g->width; ++i)
             FN(backward_query)(g, q, k, v, saved_probs, scale, grad_out, grad_q, grad_k, grad_v,
-                               grad_rpb, b, y, g->col_order[i], h, grad_probs, g->dim);
+                               grad_rpb_head, b, y, g->col_order[i], h, grad_probs, g->dim);
     }
 }
 
@@ -183,25 +184,26 @@ static void FN(backward_row)(const na2d_geometry *g, const REAL *q, const REAL *
  * Queries scatter into the keys of their windows, so work is split into items that write disjoint
  * memory: one (batch, head, row residue modulo the dilation, stripe of 2 * Kh sub-lattice rows).
  * Windows of stripes two apart never overlap (windows reach Kh - 1 rows, shifted inward at most
- * Kh / 2 at borders), so even stripes run in parallel, then odd ones. Each thread sums its RPB
- * gradient privately. */
+ * Kh / 2 at borders), so even stripes run in parallel, then odd ones. Each item sums its RPB
+ * gradient privately; the items' sums are added in item order, so the result does not depend on the
+ * number of threads or on which thread ran which item. */
 void FN(na2d_backward)(const na2d_geometry *g, const REAL *q, const REAL *k, const REAL *v,
                        const REAL *saved_probs, double scale, const REAL *grad_out, REAL *grad_q,
                        REAL *grad_k, REAL *grad_v, REAL *grad_rpb, int32_t threads) {
     const int32_t window = g->kernel_h * g->kernel_w;
-    const int64_t rpb_size = g->heads * (2 * g->kernel_h - 1) * (2 * g->kernel_w - 1);
+    const int64_t head_rpb_size = (2 * g->kernel_h - 1) * (2 * g->kernel_w - 1);
     const int64_t stripe = 2 * (int64_t)g->kernel_h;
     const int64_t dilation = g->dilation_h;
     const int64_t longest = (g->height + dilation - 1) / dilation; /* sub-lattice rows, at most */
     const int64_t stripes = (longest + stripe - 1) / stripe;
     const int64_t pairs = (stripes + 1) / 2;
     const int64_t items = g->batch * g->heads * dilation * pairs;
+    /* One RPB partial per (parity, item). */
     REAL *rpb_partial =
-        grad_rpb != NULL ? calloc((size_t)(threads * rpb_size), sizeof(REAL)) : NULL;
+        grad_rpb != NULL ? calloc((size_t)(2 * items * head_rpb_size), sizeof(REAL)) : NULL;
 #pragma omp parallel num_threads(threads)
     {
         REAL *grad_probs = malloc(sizeof(REAL) * window);
-        REAL *my_rpb = rpb_partial != NULL ? rpb_partial + omp_get_thread_num() * rpb_size : NULL;
         for (int64_t parity = 0; parity < 2; ++parity) {
 #pragma omp for schedule(dynamic)
             for (int64_t item = 0; item < items; ++item) {
@@ -213,19 +215,26 @@ void FN(na2d_backward)(const na2d_geometry *g, const REAL *q, const REAL *k, con
                 const int64_t h = rest % g->heads;
                 const int64_t b = rest / g->heads;
                 const int64_t first = (2 * pair + parity) * stripe;
+                REAL *item_rpb = rpb_partial != NULL
+                                     ? rpb_partial + (parity * items + item) * head_rpb_size
+                                     : NULL;
                 for (int64_t p = first; p < first + stripe; ++p) {
                     const int64_t y = residue + p * dilation;
                     if (y >= g->height) break;
                     FN(backward_row)(g, q, k, v, saved_probs, (REAL)scale, grad_out, grad_q,
-                                     grad_k, grad_v, my_rpb, b, y, h, grad_probs);
+                                     grad_k, grad_v, item_rpb, b, y, h, grad_probs);
                 }
             }
         }
         free(grad_probs);
     }
     if (rpb_partial != NULL) {
-        for (int32_t t = 0; t < threads; ++t)
-            for (int64_t i = 0; i < rpb_size; ++i) grad_rpb[i] += rpb_partial[t * rpb_size + i];
+        for (int64_t slot = 0; slot < 2 * items; ++slot) {
+            const int64_t h = (slot % items) / (pairs * dilation) % g->heads;
+            const REAL *partial = rpb_partial + slot * head_rpb_size;
+            for (int64_t i = 0; i < head_rpb_size; ++i)
+                grad_rpb[h * head_rpb_size + i] += partial[i];
+        }
         free(rpb_partial);
     }
 }
