@@ -62,6 +62,18 @@ def test_threads_give_the_one_thread_result(shape, kernel_size, dilation) -> Non
 
 
 @needs_kernel
+def test_loading_the_kernel_keeps_subnormal_floats() -> None:
+    """The kernel is compiled with -ffast-math but not linked with it: linking would turn on
+    flush-to-zero for the whole process (crtfastmath.o) and change every later float op."""
+    assert cpu_na.unavailable_reason() is None  # loaded
+    tiny = torch.tensor([1e-38], dtype=torch.float32) / 1000  # subnormal, not zero
+    assert tiny.item() != 0.0
+    q, k, v, rpb = na_oracle.random_inputs((1, 5, 5, 1, 8), (3, 3), True)
+    na2d(q, k, v, 3, rpb=rpb, backend='cpu')
+    assert (torch.tensor([1e-38], dtype=torch.float32) / 1000).item() != 0.0
+
+
+@needs_kernel
 def test_float64_is_exact_to_rounding() -> None:
     q, k, v, rpb = na_oracle.random_inputs((2, 14, 21, 2, 16), (7, 7), True, torch.float64)
     out = na2d(q, k, v, 7, (2, 3), rpb=rpb, backend='cpu')

@@ -32,7 +32,6 @@ INLINE void FN(window_probs)(const na2d_geometry *g, const REAL *q, const REAL *
                              int64_t h, REAL *probs, const int64_t dim) {
     const REAL *query = q + pixel_offset(g, b, y, x, h);
     const int64_t rpb_w = 2 * g->kernel_w - 1;
-    REAL max_logit = -INFINITY;
     const int64_t key_step = g->dilation_w * g->heads * g->dim;
     for (int32_t a = 0; a < g->kernel_h; ++a) {
         const REAL *bias = NULL;
@@ -44,11 +43,13 @@ INLINE void FN(window_probs)(const na2d_geometry *g, const REAL *q, const REAL *
         REAL *logits = probs + a * g->kernel_w;
         for (int32_t c = 0; c < g->kernel_w; ++c, key += key_step) {
             logits[c] = FN(dot)(query, key, dim) * scale + (bias != NULL ? bias[c] : 0);
-            if (logits[c] > max_logit) max_logit = logits[c];
         }
     }
     const int32_t window = g->kernel_h * g->kernel_w;
+    REAL max_logit = probs[0];
+    for (int32_t n = 1; n < window; ++n) max_logit = probs[n] > max_logit ? probs[n] : max_logit;
     REAL total = 0;
+#pragma omp simd reduction(+ : total)
     for (int32_t n = 0; n < window; ++n) {
         probs[n] = EXP(probs[n] - max_logit);
         total += probs[n];
