@@ -24,6 +24,15 @@ needs_kernel = pytest.mark.skipif(
 )
 
 
+@pytest.fixture
+def fresh_library():
+    """Forget the loaded kernel before and after the test (it rebuilds / reloads from the cache
+    the environment points at)."""
+    cpu_na._library.cache_clear()
+    yield
+    cpu_na._library.cache_clear()
+
+
 def _grads(threads: int, dtype: torch.dtype, shape, kernel_size, dilation):
     q, k, v, rpb = (
         x.requires_grad_() for x in na_oracle.random_inputs(shape, kernel_size, True, dtype)
@@ -96,26 +105,22 @@ def test_automatic_choice_on_cpu() -> None:
 
 
 def test_without_a_compiler_na2d_falls_back_to_torch(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, fresh_library: None
 ) -> None:
     monkeypatch.setenv('CC', str(tmp_path / 'no-such-compiler'))
     monkeypatch.setenv('NAT_MM_CACHE', str(tmp_path))
-    cpu_na._library.cache_clear()
-    try:
-        reason = cpu_na.unavailable_reason()
-        assert reason is not None and 'no C compiler found' in reason
-        assert 'cpu' not in ops.available_backends()
-        q, k, v, rpb = na_oracle.random_inputs((1, 9, 9, 2, 8), (3, 3), True)
-        na2d(q, k, v, 3, rpb=rpb)
-        assert ops.last_backend() == 'torch'
-        with pytest.raises(RuntimeError, match=r"backend 'cpu' cannot run .*no C compiler"):
-            na2d(q, k, v, 3, rpb=rpb, backend='cpu')
-    finally:
-        cpu_na._library.cache_clear()
+    reason = cpu_na.unavailable_reason()
+    assert reason is not None and 'no C compiler found' in reason
+    assert 'cpu' not in ops.available_backends()
+    q, k, v, rpb = na_oracle.random_inputs((1, 9, 9, 2, 8), (3, 3), True)
+    na2d(q, k, v, 3, rpb=rpb)
+    assert ops.last_backend() == 'torch'
+    with pytest.raises(RuntimeError, match=r"backend 'cpu' cannot run .*no C compiler"):
+        na2d(q, k, v, 3, rpb=rpb, backend='cpu')
 
 
 def test_a_failing_build_reports_the_compiler_error(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, fresh_library: None
 ) -> None:
     compiler = tmp_path / 'broken-cc'
     compiler.write_text(
@@ -124,30 +129,22 @@ def test_a_failing_build_reports_the_compiler_error(
     compiler.chmod(0o755)
     monkeypatch.setenv('CC', str(compiler))
     monkeypatch.setenv('NAT_MM_CACHE', str(tmp_path / 'cache'))
-    cpu_na._library.cache_clear()
-    try:
-        reason = cpu_na.unavailable_reason()
-        assert reason is not None and 'building the CPU kernel failed' in reason
-        assert 'out of ink' in reason
-        assert not list((tmp_path / 'cache' / 'kernels').glob('*.so'))  # nothing half-written
-    finally:
-        cpu_na._library.cache_clear()
+    reason = cpu_na.unavailable_reason()
+    assert reason is not None and 'building the CPU kernel failed' in reason
+    assert 'out of ink' in reason
+    assert not list((tmp_path / 'cache' / 'kernels').glob('*.so'))  # nothing half-written
 
 
 @needs_kernel
 def test_build_is_cached_by_source_and_cpu(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, fresh_library: None
 ) -> None:
     monkeypatch.setenv('NAT_MM_CACHE', str(tmp_path))
+    assert cpu_na.unavailable_reason() is None
+    built = list((tmp_path / 'kernels').glob('na2d_cpu_*.so'))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
     cpu_na._library.cache_clear()
-    try:
-        assert cpu_na.unavailable_reason() is None
-        built = list((tmp_path / 'kernels').glob('na2d_cpu_*.so'))
-        assert len(built) == 1
-        stamp = built[0].stat().st_mtime_ns
-        cpu_na._library.cache_clear()
-        assert cpu_na.unavailable_reason() is None  # found in the cache, not rebuilt
-        assert built[0].stat().st_mtime_ns == stamp
-        assert list((tmp_path / 'kernels').iterdir()) == built  # no scratch left behind
-    finally:
-        cpu_na._library.cache_clear()
+    assert cpu_na.unavailable_reason() is None  # found in the cache, not rebuilt
+    assert built[0].stat().st_mtime_ns == stamp
+    assert list((tmp_path / 'kernels').iterdir()) == built  # no scratch left behind

@@ -184,7 +184,9 @@ def forward(
     tensors = (q, k, v) if rpb is None else (q, k, v, rpb)
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
         return CpuNeighborhoodAttention.apply(q, k, v, rpb, kernel_size, dilation, scale)
-    return _forward(q, k, v, rpb, kernel_size, dilation, scale)
+    head_dim = q.shape[-1]
+    q, k, v = _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
+    return _forward(q, k, v, rpb, kernel_size, dilation, scale)[..., :head_dim]
 
 
 @functools.lru_cache(maxsize=256)
@@ -248,9 +250,8 @@ def _forward(
     scale: float,
     saved_probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The C forward; fills `saved_probs` [B, H, W, heads, Kh * Kw] when given."""
-    head_dim = q.shape[-1]
-    q, k, v = _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
+    """The C forward on q, k, v in `_kernel_layout`; returns the output in that layout (head_dim
+    still padded) and fills `saved_probs` [B, H, W, heads, Kh * Kw] when given."""
     rpb = rpb.contiguous() if rpb is not None else None
     out = torch.empty_like(q)
     geometry, _tables = _geometry(q, kernel_size, dilation)
@@ -263,7 +264,7 @@ def _forward(
         _pointer(saved_probs),
         ctypes.c_int32(torch.get_num_threads()),
     )
-    return out[..., :head_dim]
+    return out
 
 
 class CpuNeighborhoodAttention(torch.autograd.Function):

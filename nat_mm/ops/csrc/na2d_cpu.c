@@ -42,11 +42,16 @@ static inline int64_t pixel_offset(const na2d_geometry *g, int64_t b, int64_t y,
 }
 
 /* Offset in k / v of the first key of window row a of query (b, y, x, h); the row's keys follow
- * dilation_w * heads * dim elements apart. */
+ * `key_step(g)` elements apart. */
 static inline int64_t window_row(const na2d_geometry *g, int64_t b, int64_t y, int64_t x, int64_t h,
                                  int32_t a) {
     const int64_t key_y = g->row_start[y] + (int64_t)a * g->dilation_h;
     return pixel_offset(g, b, key_y, g->col_start[x], h);
+}
+
+/* Elements between consecutive keys of a window row. */
+static inline int64_t key_step(const na2d_geometry *g) {
+    return g->dilation_w * g->heads * g->dim;
 }
 
 #define REAL float

@@ -32,7 +32,7 @@ INLINE void FN(window_probs)(const na2d_geometry *g, const REAL *q, const REAL *
                              int64_t h, REAL *probs, const int64_t dim) {
     const REAL *query = q + pixel_offset(g, b, y, x, h);
     const int64_t rpb_w = 2 * g->kernel_w - 1;
-    const int64_t key_step = g->dilation_w * g->heads * g->dim;
+    const int64_t step = key_step(g);
     for (int32_t a = 0; a < g->kernel_h; ++a) {
         const REAL *bias = NULL;
         if (rpb != NULL) {
@@ -41,7 +41,7 @@ INLINE void FN(window_probs)(const na2d_geometry *g, const REAL *q, const REAL *
         }
         const REAL *key = k + window_row(g, b, y, x, h, a);
         REAL *logits = probs + a * g->kernel_w;
-        for (int32_t c = 0; c < g->kernel_w; ++c, key += key_step) {
+        for (int32_t c = 0; c < g->kernel_w; ++c, key += step) {
             logits[c] = FN(dot)(query, key, dim) * scale + (bias != NULL ? bias[c] : 0);
         }
     }
@@ -65,11 +65,11 @@ INLINE void FN(forward_query)(const na2d_geometry *g, const REAL *q, const REAL 
     FN(vec) result[MAX_DIM / LANES];
     const int64_t chunks = dim / LANES;
     for (int64_t j = 0; j < chunks; ++j) result[j] = (FN(vec)){0};
-    const int64_t key_step = g->dilation_w * g->heads * g->dim;
+    const int64_t step = key_step(g);
     for (int32_t a = 0; a < g->kernel_h; ++a) {
         const REAL *value = v + window_row(g, b, y, x, h, a);
         const REAL *row_probs = probs + a * g->kernel_w;
-        for (int32_t c = 0; c < g->kernel_w; ++c, value += key_step) {
+        for (int32_t c = 0; c < g->kernel_w; ++c, value += step) {
             const REAL p = row_probs[c];
             for (int64_t j = 0; j < chunks; ++j) result[j] += p * FN(load)(value + j * LANES);
         }
@@ -78,9 +78,9 @@ INLINE void FN(forward_query)(const na2d_geometry *g, const REAL *q, const REAL 
     for (int64_t j = 0; j < chunks; ++j) FN(store)(destination + j * LANES, result[j]);
 }
 
-/* One query row of one head, columns in sub-lattice order (neighbors share keys: cache reuse). */
-/* Probabilities go to `saved` (the query's slot of [B, H, W, heads, Kh * Kw]) when it is not
- * NULL, for the backward; else to `scratch`. */
+/* One query row of one head, columns in sub-lattice order (neighbors share keys: cache reuse).
+ * Probabilities go to `saved` (the query's slot of [B, H, W, heads, Kh * Kw]) when it is not NULL,
+ * for the backward; else to `scratch`. */
 static void FN(forward_row)(const na2d_geometry *g, const REAL *q, const REAL *k, const REAL *v,
                             const REAL *rpb, REAL scale, REAL *out, REAL *saved, int64_t b,
                             int64_t y, int64_t h, REAL *scratch) {
@@ -129,11 +129,11 @@ INLINE void FN(backward_query)(const na2d_geometry *g, const REAL *q, const REAL
     const REAL *grad_result = grad_out + offset;
     const REAL *probs = saved_probs + query_index(g, b, y, x, h) * g->kernel_h * g->kernel_w;
     /* d logits = P * (dO . V - sum_n P dO . V); the sum equals dO . O. */
-    const int64_t key_step = g->dilation_w * g->heads * g->dim;
+    const int64_t step = key_step(g);
     REAL delta = 0;
     for (int32_t a = 0; a < g->kernel_h; ++a) {
         const REAL *value = v + window_row(g, b, y, x, h, a);
-        for (int32_t c = 0, n = a * g->kernel_w; c < g->kernel_w; ++c, ++n, value += key_step) {
+        for (int32_t c = 0, n = a * g->kernel_w; c < g->kernel_w; ++c, ++n, value += step) {
             grad_probs[n] = FN(dot)(grad_result, value, dim);
             delta += probs[n] * grad_probs[n];
         }
@@ -146,7 +146,7 @@ INLINE void FN(backward_query)(const na2d_geometry *g, const REAL *q, const REAL
         REAL *bias_grad = NULL;
         if (grad_rpb_head != NULL)
             bias_grad = grad_rpb_head + (int64_t)(g->row_bias[y] + a) * rpb_w + g->col_bias[x];
-        for (int32_t c = 0, n = a * g->kernel_w; c < g->kernel_w; ++c, ++n, slot += key_step) {
+        for (int32_t c = 0, n = a * g->kernel_w; c < g->kernel_w; ++c, ++n, slot += step) {
             const REAL grad_logit = probs[n] * (grad_probs[n] - delta);
             const REAL grad_dot = grad_logit * scale;
             const REAL p = probs[n];
