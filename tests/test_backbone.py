@@ -1,17 +1,10 @@
 """NAT / DiNAT backbone: parity with the independent reference, shapes, flags, presets."""
 
-import pathlib
-import sys
-
 import pytest
 import torch
 
 from nat_mm.models import DINAT_ARCHS, NAT, NAT_ARCHS, DiNAT
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import nat_reference as ref
-
-torch.set_num_threads(2)
+from nat_mm.testing import nat_reference as ref
 
 # A narrow 4-stage model: cheap, but every code path of the published variants.
 SMALL_CFG = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), mlp_ratio=2.0)

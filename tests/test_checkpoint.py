@@ -5,7 +5,6 @@ import functools
 import http.server
 import importlib.util
 import pathlib
-import sys
 import threading
 
 import pytest
@@ -15,13 +14,10 @@ import torch.nn.functional as F
 
 import nat_mm.models.checkpoint as checkpoint_module
 from nat_mm.models import DiNAT, from_natmm, to_natmm
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import nat_reference as ref
+from nat_mm.testing import nat_reference as ref
 
 REPO = pathlib.Path(__file__).parent.parent
 
-torch.set_num_threads(2)
 
 CFG = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), mlp_ratio=2.0)
 KERNEL = 5

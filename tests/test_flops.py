@@ -11,8 +11,6 @@ flops = pytest.importorskip(
 )
 from mmengine.analysis import get_model_complexity_info  # noqa: E402
 
-torch.set_num_threads(2)
-
 # Published GMACs (NAT README, fvcore) at 224x224 with the ImageNet head.
 PUBLISHED_GMACS = {'mini': 2.7, 'tiny': 4.3, 'small': 7.8, 'base': 13.7}
 

@@ -9,8 +9,6 @@ import nat_mm.ops as ops
 from nat_mm.ops import na2d
 from nat_mm.ops.backends import BACKENDS, cpu_na
 
-torch.set_num_threads(1)
-
 # The automatic choice for float32 on CPU: the compiled kernel where it builds, else torch.
 AUTO_ON_CPU = 'cpu' if cpu_na.unavailable_reason() is None else 'torch'
 

@@ -6,7 +6,6 @@ Its exactness against the oracle is in test_ops_exact_backends.py, shared with `
 from __future__ import annotations
 
 import pathlib
-import sys
 
 import pytest
 import torch
@@ -14,9 +13,7 @@ import torch
 from nat_mm import ops
 from nat_mm.ops import na2d
 from nat_mm.ops.backends import cpu_na
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import na_oracle
+from nat_mm.ops.reference import na2d_reference, random_inputs
 
 needs_kernel = pytest.mark.skipif(
     cpu_na.unavailable_reason() is not None,
@@ -34,9 +31,7 @@ def fresh_library():
 
 
 def _grads(threads: int, dtype: torch.dtype, shape, kernel_size, dilation):
-    q, k, v, rpb = (
-        x.requires_grad_() for x in na_oracle.random_inputs(shape, kernel_size, True, dtype)
-    )
+    q, k, v, rpb = (x.requires_grad_() for x in random_inputs(shape, kernel_size, True, dtype))
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -65,8 +60,8 @@ def test_threads_give_the_one_thread_result(shape, kernel_size, dilation) -> Non
         parallel = _grads(threads, torch.float64, shape, kernel_size, dilation)
         for single, result in zip(one, parallel, strict=True):
             assert torch.equal(result, single)
-    q, k, v, rpb = na_oracle.random_inputs(shape, kernel_size, True, torch.float64)
-    reference = na_oracle.na2d_oracle(q, k, v, kernel_size, dilation, rpb)
+    q, k, v, rpb = random_inputs(shape, kernel_size, True, torch.float64)
+    reference = na2d_reference(q, k, v, kernel_size, dilation, rpb)
     torch.testing.assert_close(one[0], reference, atol=1e-12, rtol=1e-12)
 
 
@@ -77,22 +72,22 @@ def test_loading_the_kernel_keeps_subnormal_floats() -> None:
     assert cpu_na.unavailable_reason() is None  # loaded
     tiny = torch.tensor([1e-38], dtype=torch.float32) / 1000  # subnormal, not zero
     assert tiny.item() != 0.0
-    q, k, v, rpb = na_oracle.random_inputs((1, 5, 5, 1, 8), (3, 3), True)
+    q, k, v, rpb = random_inputs((1, 5, 5, 1, 8), (3, 3), True)
     na2d(q, k, v, 3, rpb=rpb, backend='cpu')
     assert (torch.tensor([1e-38], dtype=torch.float32) / 1000).item() != 0.0
 
 
 @needs_kernel
 def test_float64_is_exact_to_rounding() -> None:
-    q, k, v, rpb = na_oracle.random_inputs((2, 14, 21, 2, 16), (7, 7), True, torch.float64)
+    q, k, v, rpb = random_inputs((2, 14, 21, 2, 16), (7, 7), True, torch.float64)
     out = na2d(q, k, v, 7, (2, 3), rpb=rpb, backend='cpu')
-    reference = na_oracle.na2d_oracle(q, k, v, 7, (2, 3), rpb)
+    reference = na2d_reference(q, k, v, 7, (2, 3), rpb)
     assert (out - reference).abs().max().item() < 1e-13
 
 
 @needs_kernel
 def test_automatic_choice_on_cpu() -> None:
-    q, k, v, rpb = na_oracle.random_inputs((1, 9, 9, 2, 8), (3, 3), True)
+    q, k, v, rpb = random_inputs((1, 9, 9, 2, 8), (3, 3), True)
     na2d(q, k, v, 3, rpb=rpb)
     assert ops.last_backend() == 'cpu'
     na2d(q.bfloat16(), k.bfloat16(), v.bfloat16(), 3, rpb=rpb)
@@ -112,7 +107,7 @@ def test_without_a_compiler_na2d_falls_back_to_torch(
     reason = cpu_na.unavailable_reason()
     assert reason is not None and 'no C compiler found' in reason
     assert 'cpu' not in ops.available_backends()
-    q, k, v, rpb = na_oracle.random_inputs((1, 9, 9, 2, 8), (3, 3), True)
+    q, k, v, rpb = random_inputs((1, 9, 9, 2, 8), (3, 3), True)
     na2d(q, k, v, 3, rpb=rpb)
     assert ops.last_backend() == 'torch'
     with pytest.raises(RuntimeError, match=r"backend 'cpu' cannot run .*no C compiler"):

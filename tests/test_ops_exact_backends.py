@@ -1,27 +1,20 @@
 """The exact CPU backends of na2d (`torch`, and the compiled `cpu`) against the gather oracle.
 
-The oracle is tests/na_oracle.py. The `cpu` backend needs a C compiler; where it cannot be built
+The oracle is nat_mm.ops.reference. The `cpu` backend needs a C compiler; where it cannot be built
 its tests skip with the reason.
 """
 
 from __future__ import annotations
 
 import itertools
-import pathlib
 import random
-import sys
 
 import pytest
 import torch
 
 from nat_mm.ops import na2d
 from nat_mm.ops.backends import cpu_na
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import na_oracle
-
-# One thread: on this shared 2-core machine a second OpenMP thread waits on busy cores.
-torch.set_num_threads(1)
+from nat_mm.ops.reference import na2d_reference, random_inputs
 
 # (H, W, kernel_size, dilation): odd, non-square, H == K * d edges, per-axis settings, and
 # uneven sub-lattices (H % d != 0).
@@ -73,9 +66,7 @@ def _run_case(
     backend: str = 'torch',
 ) -> None:
     kernel = _pair(kernel_size)
-    q, k, v, rpb = na_oracle.random_inputs(
-        (batch, height, width, heads, head_dim), kernel, with_rpb, dtype
-    )
+    q, k, v, rpb = random_inputs((batch, height, width, heads, head_dim), kernel, with_rpb, dtype)
     inputs = [x for x in (q, k, v, rpb) if x is not None]
     for x in inputs:
         x.requires_grad_(check_grads)
@@ -84,7 +75,7 @@ def _run_case(
     ref_rpb = reference_inputs[3] if with_rpb else None
 
     out = na2d(q, k, v, kernel_size, dilation, rpb=rpb, backend=backend)
-    ref = na_oracle.na2d_oracle(ref_q, ref_k, ref_v, kernel_size, dilation, ref_rpb)
+    ref = na2d_reference(ref_q, ref_k, ref_v, kernel_size, dilation, ref_rpb)
     assert out.dtype == dtype
     assert out.shape == q.shape
     atol, rtol = TOLERANCES[dtype]
@@ -127,22 +118,22 @@ def test_head_dims(head_dim: int, backend: str) -> None:
 
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_non_contiguous_inputs(backend: str) -> None:
-    q, k, v, rpb = na_oracle.random_inputs((2, 12, 16, 3, 8), (5, 5), True)
+    q, k, v, rpb = random_inputs((2, 12, 16, 3, 8), (5, 5), True)
     # Same values, transposed storage (and a sliced rpb) so no input is contiguous.
     q_nc, k_nc, v_nc = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
     rpb_nc = torch.cat([rpb, rpb], dim=-1)[..., ::2][..., : rpb.shape[-1]]
     rpb_nc = rpb.repeat_interleave(2, dim=-1)[..., ::2]
     assert not q_nc.is_contiguous() and not rpb_nc.is_contiguous()
     out = na2d(q_nc, k_nc, v_nc, 5, 2, rpb=rpb_nc, backend=backend)
-    ref = na_oracle.na2d_oracle(q.double(), k.double(), v.double(), 5, 2, rpb.double())
+    ref = na2d_reference(q.double(), k.double(), v.double(), 5, 2, rpb.double())
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_custom_scale(backend: str) -> None:
-    q, k, v, rpb = na_oracle.random_inputs((1, 9, 9, 2, 4), (3, 3), True)
+    q, k, v, rpb = random_inputs((1, 9, 9, 2, 4), (3, 3), True)
     out = na2d(q, k, v, 3, 2, rpb=rpb, scale=0.7, backend=backend)
-    ref = na_oracle.na2d_oracle(q.double(), k.double(), v.double(), 3, 2, rpb.double(), 0.7)
+    ref = na2d_reference(q.double(), k.double(), v.double(), 3, 2, rpb.double(), 0.7)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
 
 
@@ -152,9 +143,7 @@ def test_custom_scale(backend: str) -> None:
     [(5, 7, 3, 1), (7, 6, 3, 2), (6, 9, (3, 3), (2, 3))],
 )
 def test_gradcheck_float64(height: int, width: int, kernel_size, dilation, backend: str) -> None:
-    q, k, v, rpb = na_oracle.random_inputs(
-        (1, height, width, 2, 3), _pair(kernel_size), True, torch.float64
-    )
+    q, k, v, rpb = random_inputs((1, height, width, 2, 3), _pair(kernel_size), True, torch.float64)
     inputs = tuple(x.requires_grad_() for x in (q, k, v, rpb))
 
     def function(q, k, v, rpb):
@@ -199,9 +188,9 @@ def test_many_chunks_match_oracle(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize('backend', BACKENDS)
 def test_no_grad_path_matches_oracle(backend: str) -> None:
-    q, k, v, rpb = na_oracle.random_inputs((2, 17, 14, 2, 8), (5, 5), True)
+    q, k, v, rpb = random_inputs((2, 17, 14, 2, 8), (5, 5), True)
     with torch.no_grad():
         out = na2d(q, k, v, 5, (3, 2), rpb=rpb, backend=backend)
-    ref = na_oracle.na2d_oracle(q.double(), k.double(), v.double(), 5, (3, 2), rpb.double())
+    ref = na2d_reference(q.double(), k.double(), v.double(), 5, (3, 2), rpb.double())
     assert not out.requires_grad
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)

@@ -9,8 +9,6 @@ from mmengine.analysis import complexity_analysis, get_model_complexity_info
 from nat_mm.ops import na2d
 from nat_mm.ops.flops import OP_NAME, na2d_flop_count, register_flop_handles
 
-torch.set_num_threads(1)
-
 
 class OneNA(torch.nn.Module):
     def __init__(self, with_rpb: bool) -> None:

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
 import pytest
 import torch
 
 from nat_mm.ops import na2d
 from nat_mm.ops.backends import check_backend
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import na_oracle
-
-torch.set_num_threads(1)
+from nat_mm.ops.reference import na2d_reference, random_inputs
 
 # (H, W, kernel_size, dilation, with_rpb)
 NATTEN_CASES = [(9, 11, 3, 1), (20, 17, 5, 3), (12, 19, (3, 5), (4, 2))]
@@ -35,8 +28,8 @@ def _pair(value):
 
 
 def _check_forward(backend, height, width, kernel_size, dilation, with_rpb, device='cpu'):
-    q, k, v, rpb = na_oracle.random_inputs((2, height, width, 2, 16), _pair(kernel_size), with_rpb)
-    ref = na_oracle.na2d_oracle(
+    q, k, v, rpb = random_inputs((2, height, width, 2, 16), _pair(kernel_size), with_rpb)
+    ref = na2d_reference(
         q.double(),
         k.double(),
         v.double(),
@@ -96,11 +89,11 @@ def test_flex_cpu_forward_matches_oracle_more(case) -> None:
 def test_cuda_forward_backward_matches_oracle(backend: str) -> None:
     _skip_unless_runs(backend, 'cuda', with_rpb=True)
     kernel_size, dilation = 5, 3
-    q, k, v, rpb = na_oracle.random_inputs((2, 20, 17, 2, 16), (5, 5), True)
+    q, k, v, rpb = random_inputs((2, 20, 17, 2, 16), (5, 5), True)
     inputs = [x.cuda().requires_grad_() for x in (q, k, v, rpb)]
     out = na2d(*inputs[:3], kernel_size, dilation, rpb=inputs[3], backend=backend)
     reference_inputs = [x.double().requires_grad_() for x in (q, k, v, rpb)]
-    ref = na_oracle.na2d_oracle(*reference_inputs[:3], kernel_size, dilation, reference_inputs[3])
+    ref = na2d_reference(*reference_inputs[:3], kernel_size, dilation, reference_inputs[3])
     torch.testing.assert_close(out.double().cpu(), ref, atol=1e-4, rtol=1e-3)
     grad_out = torch.randn(q.shape)
     grads = torch.autograd.grad(out, inputs, grad_out.cuda())

@@ -5,7 +5,7 @@ tokens), kernel 7, head_dim 32, with RPB, plus DiNAT's detection dilations. Ever
 same q, k, v (and an RPB table) and is timed in the same run:
 
 - each available na2d backend (`nat_mm.ops.available_backends()`);
-- `oracle`: the gather reference of tests/na_oracle.py (K*K copies of k and v);
+- `oracle`: the gather reference of nat_mm.ops.reference (K*K copies of k and v);
 - `window`: Swin-style window attention on the same tokens (window 7, maps padded to multiples of
   7, batched `scaled_dot_product_attention` with the gathered relative-position bias as its mask),
   the speed/memory target.
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import statistics
 import subprocess
 import sys
@@ -39,13 +38,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / 'tests'))
-
-import na_oracle  # noqa: E402
-
-from nat_mm.ops import available_backends, na2d  # noqa: E402
+from nat_mm.ops import available_backends, na2d
+from nat_mm.ops.reference import na2d_reference, random_inputs
 
 # (stage, H, W, heads, dilation): NAT-Tiny / DiNAT-Tiny at 800 x 1216, head_dim 32, kernel 7.
 LAYERS = [
@@ -106,7 +100,7 @@ def methods(dilation: int, backends: list[str]) -> dict[str, Method]:
         table[name] = lambda q, k, v, rpb, name=name: na2d(
             q, k, v, KERNEL, dilation, rpb=rpb, backend=name
         )
-    table['oracle'] = lambda q, k, v, rpb: na_oracle.na2d_oracle(q, k, v, KERNEL, dilation, rpb)
+    table['oracle'] = lambda q, k, v, rpb: na2d_reference(q, k, v, KERNEL, dilation, rpb)
     table['window'] = lambda q, k, v, rpb: window_attention(q, k, v, rpb, dilation)
     return table
 
@@ -114,9 +108,7 @@ def methods(dilation: int, backends: list[str]) -> dict[str, Method]:
 def make_inputs(
     batch: int, height: int, width: int, heads: int, device: str, dtype: torch.dtype
 ) -> Inputs:
-    q, k, v, rpb = na_oracle.random_inputs(
-        (batch, height, width, heads, HEAD_DIM), (KERNEL, KERNEL), True
-    )
+    q, k, v, rpb = random_inputs((batch, height, width, heads, HEAD_DIM), (KERNEL, KERNEL), True)
     return tuple(x.to(device, dtype).requires_grad_() for x in (q, k, v, rpb))
 
 

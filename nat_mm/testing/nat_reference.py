@@ -1,12 +1,10 @@
 """Independent test reference for the NAT / DiNAT backbone: no nat_mm imports.
 
-Implements, from the written spec (`/work/shared/design/neighborhood-attention.md` sections 1-3 and
-`original-models.md` section 1), the original detection backbone's forward as plain functions of a
-state dict in the original layout, with a vectorised gather-based neighborhood attention and
+Implements, from the written spec (docs/neighborhood-attention.md sections 1-3 and
+docs/original-models.md section 1), the original detection backbone's forward as plain functions
+of a state dict in the original layout, with a vectorised gather-based neighborhood attention and
 explicit padding / cropping. Also writes random state dicts in the original layout and converts
 them to HuggingFace's layout, so that checkpoint loading is checked against what the files hold.
-
-Other test files load it with ``sys.path.insert(0, str(pathlib.Path(__file__).parent))``.
 """
 
 from __future__ import annotations
@@ -23,7 +21,9 @@ EPS = 1e-5
 
 
 def axis_windows(length: int, kernel: int, dilation: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key index and RPB index of each window slot of each query on one axis (spec section 1-2).
+    """Key index and RPB index of each window slot of each query on one axis.
+
+    docs/neighborhood-attention.md sections 1-2.
 
     Returns:
         keys [L, K] and bias [L, K] (long), bias = (key - query) // d + K - 1.
@@ -77,7 +77,7 @@ def _linear(x: torch.Tensor, sd: dict, name: str) -> torch.Tensor:
 def attention_layer(
     x: torch.Tensor, sd: dict, name: str, heads: int, kernel: int, dilation: int
 ) -> torch.Tensor:
-    """Spec section 3: x [B, H, W, C] already normalised -> [B, H, W, C]."""
+    """x [B, H, W, C] already normalised -> [B, H, W, C] (docs/neighborhood-attention.md s. 3)."""
     _, height, width, channels = x.shape
     window = kernel * dilation
     padded = F.pad(x, (0, 0, 0, max(0, window - width), 0, max(0, window - height)))

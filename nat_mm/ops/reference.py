@@ -1,14 +1,10 @@
-"""Test oracle: 2-D (dilated) neighborhood attention by explicit gather, straight from the spec.
+"""Reference 2-D (dilated) neighborhood attention by explicit gather, straight from the spec.
 
-Follows `/work/shared/design/neighborhood-attention.md` sections 1-2 (NATTEN 0.14 semantics) with
-no tiling or other cleverness, so that it is obviously correct. It gathers the K*K window of every
-query (K*K times the memory of k and v): use it on small inputs only. Works in any float dtype
-(float64 for gradient checks) and gives gradients through plain autograd.
-
-Other test files load it with::
-
-    sys.path.insert(0, str(pathlib.Path(__file__).parent))
-    import na_oracle
+Follows docs/neighborhood-attention.md sections 1-2 (NATTEN 0.14 semantics) with no tiling or
+other cleverness, so that it is obviously correct: the oracle every backend is tested against.
+It gathers the K*K window of every query (K*K times the memory of k and v): use it on small
+inputs only. Works in any float dtype (float64 for gradient checks) and gives gradients through
+plain autograd.
 """
 
 from __future__ import annotations
@@ -44,7 +40,7 @@ def window_indices(
     return keys, rpb_index
 
 
-def na2d_oracle(
+def na2d_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
