@@ -3,6 +3,7 @@
 #   make test   set up, then run the test suite (slow tests: make test-slow)
 PY := .venv/bin/python
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: setup demo test test-slow lint format clean-env
 
@@ -10,7 +11,7 @@ setup:
 	@bash tools/setup_env.sh
 
 demo: setup
-	$(PY) tools/main_job.py
+	$(PY) tools/main_job.py $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -8,8 +8,14 @@ restores the suite's setting afterwards. Test modules cannot import this file (p
 
 from __future__ import annotations
 
+import functools
+import http.server
+import importlib
 import os
 import pathlib
+import subprocess
+import sys
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -44,3 +50,86 @@ def det_demo_config() -> str:
 def seg_demo_config() -> str:
     """The CPU-sized UPerNet + DiNAT config of the main job."""
     return str(DEMO_CONFIGS / 'dinat-demo_upernet_shapes-128.py')
+
+
+# ----------------------------------------------------------------------------- running tools
+
+
+@pytest.fixture(scope='session')
+def run_cli() -> Callable[..., subprocess.CompletedProcess]:
+    """``run_cli('train', arg, ...)``: ``python -m nat_mm.tools.train arg ...`` in a subprocess
+    (for exit statuses and stderr as a user sees them)."""
+
+    def run(name: str, *args: object, timeout: float = 600, cwd: object = None):
+        return subprocess.run(
+            [sys.executable, '-m', f'nat_mm.tools.{name}', *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd or REPO_ROOT,
+        )
+
+    return run
+
+
+@pytest.fixture(scope='session')
+def call_tool() -> Callable[..., int]:
+    """``call_tool('test', [args])``: a tool's ``main`` in this process; returns its exit status
+    (read its stderr with ``capsys``)."""
+
+    def call(name: str, argv: list[object]) -> int:
+        return importlib.import_module(f'nat_mm.tools.{name}').main([str(a) for a in argv])
+
+    return call
+
+
+# ----------------------------------------------------------------------------- data and files
+
+
+@pytest.fixture(scope='session')
+def demo_data(tmp_path_factory) -> str:
+    """A tiny demo dataset (4 train / 2 val images of 64 px) in all three formats."""
+    from nat_mm.data import DemoDataSettings, generate_demo_datasets
+
+    root = tmp_path_factory.mktemp('demo_data')
+    generate_demo_datasets(str(root), DemoDataSettings(num_train=4, num_val=2, height=64, width=64))
+    return str(root)
+
+
+@pytest.fixture
+def http_root(tmp_path, monkeypatch) -> Iterator[tuple[pathlib.Path, str]]:
+    """Serves tmp_path/'www' on 127.0.0.1; downloads are cached under tmp_path/'torch_home'."""
+    root = tmp_path / 'www'
+    root.mkdir()
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f'http://127.0.0.1:{server.server_address[1]}'
+    server.shutdown()
+    server.server_close()
+
+
+class _WritesMarker:
+    """Unpickling it runs ``open(path, 'w')``: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, 'w'))
+
+
+@pytest.fixture
+def write_payload(tmp_path) -> Callable[..., tuple[str, pathlib.Path]]:
+    """``write_payload(checkpoint_dict, name)`` saves the dict with an object whose unpickling
+    creates a marker file; returns (path, marker). The test asserts the marker never appears."""
+
+    def write(checkpoint: dict, name: str = 'payload.pth') -> tuple[str, pathlib.Path]:
+        marker = tmp_path / f'{name}.EXECUTED'
+        path = tmp_path / name
+        torch.save({**checkpoint, 'payload': _WritesMarker(str(marker))}, path)
+        return str(path), marker
+
+    return write

@@ -1,23 +1,19 @@
-"""Checkpoint formats: the same weights through every format give the reference outputs."""
+"""Checkpoint formats: the same weights through every format give the reference outputs;
+strict loading reports every bad key; the conversion tool."""
 
 import argparse
 import functools
-import http.server
-import importlib.util
-import pathlib
-import threading
 
 import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-import nat_mm.models.checkpoint as checkpoint_module
-from nat_mm.models import DiNAT, from_natmm, to_natmm
+import nat_mm.checkpoint.strict as strict_module
+from nat_mm.checkpoint import from_natmm, to_natmm
+from nat_mm.errors import NatMMError
+from nat_mm.models import DiNAT
 from nat_mm.testing import nat_reference as ref
-
-REPO = pathlib.Path(__file__).parent.parent
-
 
 CFG = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), mlp_ratio=2.0)
 KERNEL = 5
@@ -64,21 +60,6 @@ def build_model(source: str, kernel_size: int = KERNEL) -> DiNAT:
         dilations=DILATIONS,
         init_cfg=dict(type='Pretrained', checkpoint=source),
     )
-
-
-@pytest.fixture
-def http_root(tmp_path, monkeypatch):
-    """Serves tmp_path/'www' on 127.0.0.1; downloads are cached under tmp_path/'torch_home'."""
-    root = tmp_path / 'www'
-    root.mkdir()
-    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f'http://127.0.0.1:{server.server_address[1]}'
-    server.shutdown()
-    server.server_close()
 
 
 # Each writer stores the given original-layout weights in one format and returns the source.
@@ -183,21 +164,36 @@ def test_strict_loading_reports_every_problem_at_once(tmp_path):
     del sd['levels.1.blocks.0.mlp.fc1.bias']
     sd['levels.0.blocks.0.attn.extra'] = torch.zeros(3)
     sd['levels.2.blocks.1.norm2.weight'] = torch.zeros(7)
+    sd['levels.3.blocks.0.mlp.fc2.weight'][0, 0] = float('nan')
     sd['head.weight'] = torch.zeros(10, 256)  # legitimately ignored
-    model = build_model(write_flat(sd, tmp_path))
-    with pytest.raises(ValueError) as info:
+    path = write_flat(sd, tmp_path)
+    model = build_model(path)
+    with pytest.raises(NatMMError) as info:
         model.init_weights()
     message = str(info.value)
-    assert '(original format) does not fit DiNAT' in message
-    assert 'missing in checkpoint (1):\n  levels.1.blocks.0.mlp.fc1.bias' in message
-    assert 'unexpected in checkpoint (1):\n  levels.0.blocks.0.attn.extra' in message
-    assert 'levels.2.blocks.1.norm2.weight: checkpoint (7,) vs model (128,)' in message
+    assert '(original layout) does not fit DiNAT' in message and message.endswith(f'({path})')
+    assert '1 missing keys: levels.1.blocks.0.mlp.fc1.bias;' in message
+    assert '1 unexpected keys: levels.0.blocks.0.attn.extra;' in message
+    assert 'levels.2.blocks.1.norm2.weight (checkpoint [7], model [128])' in message
+    assert '1 keys with NaN or inf values: levels.3.blocks.0.mlp.fc2.weight' in message
     assert 'head.weight' not in message
+
+
+def test_every_missing_key_is_listed(tmp_path):
+    torch.save({'state_dict': {'conv1.weight': torch.zeros(1)}}, tmp_path / 'resnet.pth')
+    model = build_model(str(tmp_path / 'resnet.pth'))
+    with pytest.raises(NatMMError) as info:
+        model.init_weights()
+    # The file has no output norms, so those may keep their init (as ImageNet checkpoints).
+    expected = sorted(k for k in model.state_dict() if not k.startswith('norm'))
+    assert f'{len(expected)} missing keys: ' in str(info.value)
+    assert all(key in str(info.value) for key in expected)
+    assert '1 unexpected keys: conv1.weight' in str(info.value)
 
 
 def test_ignored_keys_are_logged(tmp_path, monkeypatch):
     logged = []
-    monkeypatch.setattr(checkpoint_module, 'print_log', lambda msg, logger=None: logged.append(msg))
+    monkeypatch.setattr(strict_module, 'print_log', lambda msg, **options: logged.append(msg))
     model = build_model(write_mmdet(random_state_dict(classifier=False), tmp_path))
     model.init_weights()
     assert any(
@@ -208,43 +204,62 @@ def test_ignored_keys_are_logged(tmp_path, monkeypatch):
 def test_missing_output_norms_are_an_error_when_the_file_has_some(tmp_path):
     sd = random_state_dict(classifier=False)
     del sd['norm2.weight'], sd['norm2.bias']
-    with pytest.raises(ValueError, match=r'missing in checkpoint \(2\):\n  norm2.weight'):
+    with pytest.raises(NatMMError, match=r'2 missing keys: norm2\.bias, norm2\.weight'):
         build_model(write_flat(sd, tmp_path)).init_weights()
 
 
-def test_pickled_metadata_falls_back_with_a_warning(tmp_path):
+@pytest.mark.parametrize('shape', [(1, 13, 12), (1, 1, 1), (1, 11, 11), (2, 13, 13)])
+def test_an_rpb_table_of_no_odd_kernel_is_an_error(shape, tmp_path):
+    sd = random_state_dict(classifier=True)
+    key = 'levels.3.blocks.0.attn.rpb'  # 8 heads, kernel 5
+    sd[key] = torch.zeros(shape)
+    with pytest.raises(NatMMError, match=rf'{key} \(checkpoint \[{", ".join(map(str, shape))}\]'):
+        build_model(write_flat(sd, tmp_path)).init_weights()
+
+
+def test_timm_arguments_in_the_file_load_without_trust(tmp_path):
     sd = random_state_dict(classifier=False)
-    torch.save({'state_dict': sd, 'meta': argparse.Namespace(epoch=3)}, tmp_path / 'meta.pth')
-    model = build_model(str(tmp_path / 'meta.pth'))
-    with pytest.warns(UserWarning, match='weights_only=False'):
-        model.init_weights()
+    torch.save({'state_dict': sd, 'args': argparse.Namespace(epoch=3)}, tmp_path / 'timm.pth')
+    model = build_model(str(tmp_path / 'timm.pth'))
+    model.init_weights()
     torch.testing.assert_close(model.norm1.weight, sd['norm1.weight'])
 
 
 @pytest.mark.parametrize(
-    ('content', 'error', 'message'),
+    ('content', 'message'),
     [
-        (None, FileNotFoundError, 'does not exist'),
-        (
-            {'state_dict': {'conv1.weight': torch.zeros(1)}},
-            ValueError,
-            r'missing in checkpoint \(\d+\):[\s\S]*\.\.\. and \d+ more\nunexpected in checkpoint '
-            r'\(1\):\n  conv1.weight',
-        ),
-        ({'optimizer': 3}, TypeError, 'checkpoint must be a state dict of tensors'),
+        (None, 'checkpoint file does not exist'),
+        (b'', r'checkpoint file is empty \(0 bytes\)'),
+        (b'not a checkpoint', 'cannot read the checkpoint'),
+        ({'optimizer': 3}, 'checkpoint must be a state dict of tensors'),
     ],
 )
-def test_unreadable_checkpoints(content, error, message, tmp_path):
+def test_unreadable_checkpoints(content, message, tmp_path):
     path = tmp_path / 'bad.pth'
-    if content is not None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         torch.save(content, path)
-    with pytest.raises(error, match=message):
+    with pytest.raises(NatMMError, match=message):
         build_model(str(path)).init_weights()
 
 
 def test_huggingface_folder_without_weights(tmp_path):
-    with pytest.raises(FileNotFoundError, match='holds none of'):
+    with pytest.raises(NatMMError, match='holds none of'):
         build_model(str(tmp_path)).init_weights()
+
+
+@pytest.mark.parametrize(
+    ('init_cfg', 'message'),
+    [
+        (dict(type='Pretrained'), 'init_cfg.checkpoint must be a path or URL'),
+        (dict(type='Pretrained', checkpoint='x.pth', prefix='backbone.'), r"got also \['prefix'\]"),
+        (dict(type='Pretrained', checkpoint='x.pth', trust='yes'), 'init_cfg.trust must be True'),
+    ],
+)
+def test_bad_pretrained_init_cfg_fails_at_construction(init_cfg, message):
+    with pytest.raises(NatMMError, match=message):
+        DiNAT(arch=None, **CFG, kernel_size=KERNEL, dilations=DILATIONS, init_cfg=init_cfg)
 
 
 @pytest.mark.parametrize('prefix', ['nat', 'dinat', ''])
@@ -261,49 +276,55 @@ def test_huggingface_conversion_matches_the_reference_layout(prefix):
     assert sorted(back) == sorted(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
 
 
-def load_cli():
-    spec = importlib.util.spec_from_file_location(
-        'convert_checkpoint', REPO / 'tools' / 'convert_checkpoint.py'
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_cli_round_trip_through_every_format(tmp_path):
-    cli = load_cli()
+def test_cli_round_trip_through_every_format(tmp_path, call_tool):
     sd = random_state_dict(classifier=False)
     source = write_mmdet(sd, tmp_path)
     hf_folder = tmp_path / 'hf_out'
-    assert cli.main([source, f'{hf_folder}/', '--to', 'huggingface', '--hf-prefix', 'dinat']) == 0
+    convert = functools.partial(call_tool, 'convert_checkpoint')
+    assert convert([source, f'{hf_folder}/', '--to', 'huggingface', '--hf-prefix', 'dinat']) == 0
     assert (hf_folder / 'model.safetensors').is_file()
-    assert cli.main([str(hf_folder), str(tmp_path / 'mm.pth'), '--to', 'mmdet']) == 0
-    assert cli.main([str(tmp_path / 'mm.pth'), str(tmp_path / 'orig.pth'), '--to', 'original']) == 0
+    assert convert([hf_folder, tmp_path / 'mm.pth', '--to', 'mmdet']) == 0
+    assert convert([tmp_path / 'mm.pth', tmp_path / 'orig.pth', '--to', 'original']) == 0
     restored = torch.load(tmp_path / 'orig.pth', weights_only=True)
     assert sorted(restored) == sorted(sd) and all(torch.equal(restored[k], sd[k]) for k in sd)
     mmdet = torch.load(tmp_path / 'mm.pth', weights_only=True)['state_dict']
     assert all(key.startswith('backbone.') for key in mmdet)
 
 
-def test_cli_errors(tmp_path, capsys):
-    cli = load_cli()
-    assert (
-        cli.main([str(tmp_path / 'absent.pth'), str(tmp_path / 'out.pth'), '--to', 'original']) == 1
-    )
-    assert 'does not exist' in capsys.readouterr().err
+def test_cli_errors(tmp_path, call_tool, capsys):
+    def convert(*argv):
+        status = call_tool('convert_checkpoint', list(argv))
+        return status, capsys.readouterr().err
+
+    status, err = convert(tmp_path / 'absent.pth', tmp_path / 'out.pth', '--to', 'original')
+    assert status == 2 and err.startswith('error: checkpoint file does not exist (')
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    status, err = convert(tmp_path / 'empty.pth', tmp_path / 'out.pth', '--to', 'original')
+    assert status == 2 and 'checkpoint file is empty' in err
     torch.save({'conv1.weight': torch.zeros(1)}, tmp_path / 'resnet.pth')
-    assert (
-        cli.main([str(tmp_path / 'resnet.pth'), str(tmp_path / 'o.pth'), '--to', 'original']) == 1
-    )
-    assert 'is not a NAT/DiNAT checkpoint' in capsys.readouterr().err
+    status, err = convert(tmp_path / 'resnet.pth', tmp_path / 'o.pth', '--to', 'original')
+    assert status == 2 and 'not a NAT / DiNAT checkpoint' in err
     source = write_flat(random_state_dict(classifier=False), tmp_path)
-    assert cli.main([source, source, '--to', 'original']) == 1
+    status, err = convert(source, source, '--to', 'original')
+    assert status == 2 and 'pass --force' in err
+    status, err = convert(source, tmp_path / 'x.safetensors', '--to', 'mmdet')
+    assert status == 2 and 'safetensors holds a flat state dict only' in err
+    assert not (tmp_path / 'x.safetensors').exists()
+
+
+def test_cli_does_not_overwrite_the_file_inside_a_folder(tmp_path, call_tool, capsys):
+    source = write_flat(random_state_dict(classifier=False), tmp_path)
+    folder = tmp_path / 'hf'
+    folder.mkdir()
+    (folder / 'model.safetensors').write_bytes(b'precious')
+    assert call_tool('convert_checkpoint', [source, folder, '--to', 'huggingface']) == 2
     assert 'pass --force' in capsys.readouterr().err
-    assert cli.main([source, str(tmp_path / 'x.safetensors'), '--to', 'mmdet']) == 1
-    assert 'safetensors holds a flat state dict only' in capsys.readouterr().err
+    assert (folder / 'model.safetensors').read_bytes() == b'precious'
+    assert call_tool('convert_checkpoint', [source, folder, '--to', 'huggingface', '--force']) == 0
+    assert (folder / 'model.safetensors').read_bytes() != b'precious'
 
 
-def test_cli_rejects_unknown_formats():
+def test_cli_rejects_unknown_formats(call_tool):
     with pytest.raises(SystemExit) as info:
-        load_cli().main(['in.pth', 'out.pth', '--to', 'hf'])
+        call_tool('convert_checkpoint', ['in.pth', 'out.pth', '--to', 'hf'])
     assert info.value.code == 2

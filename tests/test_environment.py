@@ -98,9 +98,9 @@ class _ToyDataset(torch.utils.data.Dataset):
 
 
 def _runner(work_dir, max_iters, resume):
-    from mmengine.runner import Runner
+    from nat_mm.engine import SafeLoadRunner
 
-    return Runner(
+    return SafeLoadRunner(
         model=_ToyModel(),
         work_dir=str(work_dir),
         train_dataloader=dict(
@@ -118,14 +118,13 @@ def _runner(work_dir, max_iters, resume):
 
 
 def test_runner_checkpoint_resumes_on_current_torch(tmp_path):
-    import nat_mm  # noqa: F401  (applies the torch.load fix)
-
     runner = _runner(tmp_path, max_iters=4, resume=False)
     runner.train()
     ckpt = tmp_path / 'iter_4.pth'
     assert ckpt.is_file()
     # The checkpoint holds the message hub's HistoryBuffers: torch's weights-only default refuses
-    # it, which is exactly what broke mmengine 0.10.7's resume on torch >= 2.6.
+    # it, which is exactly what broke mmengine 0.10.7's resume on torch >= 2.6. SafeLoadRunner
+    # reads it with nat_mm's restricted unpickler instead.
     if Version(torch.__version__) >= Version('2.6'):
         with pytest.raises(pickle.UnpicklingError):
             torch.load(ckpt)
@@ -133,6 +132,8 @@ def test_runner_checkpoint_resumes_on_current_torch(tmp_path):
     resumed = _runner(tmp_path, max_iters=6, resume=True)
     resumed.train()
     assert resumed.iter == 6
-    state = torch.load(tmp_path / 'iter_6.pth', weights_only=False)
+    from nat_mm.checkpoint import load_checkpoint
+
+    state = load_checkpoint(tmp_path / 'iter_6.pth')
     assert state['meta']['iter'] == 6
     assert 'message_hub' in state

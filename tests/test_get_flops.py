@@ -1,44 +1,41 @@
-"""tools/get_flops.py: published parameter / MAC counts, config mode, and its error handling."""
+"""FLOP counting (nat_mm.analysis.flops, tools/get_flops.py): published parameter / MAC counts,
+config mode, and its error handling."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
-import nat_mm.models  # noqa: F401  (registers NAT / DiNAT, as `import nat_mm` will)
+import nat_mm.analysis.flops as flops_api
+from nat_mm.apis import build_model, load_config
+from nat_mm.errors import NatMMError
+from nat_mm.ops.flops import OP_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = importlib.util.spec_from_file_location('get_flops', ROOT / 'tools' / 'get_flops.py')
-get_flops = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(get_flops)
-
 UPERNET_MINI = ROOT / 'configs/mmseg/nat/nat-mini-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py'
 MASK_RCNN_MINI = ROOT / 'configs/mmdet/nat/mask-rcnn_nat-mini_fpn_ms-crop-3x_coco.py'
 
 
-def needs_na_flop_handle():
-    pytest.importorskip(
-        'nat_mm.ops.flops', reason='the neighborhood-attention FLOP handle is not available'
+def run(config=None, backbone=None, shape=None, options=None, all_mask_rois=False) -> dict:
+    return flops_api.measure_flops(
+        str(config) if config else None, backbone, shape, options, all_mask_rois=all_mask_rois
     )
 
 
-def run(argv: list[str]) -> dict:
-    torch.set_num_threads(2)
-    return get_flops.measure(get_flops.parse_args(argv))
+def build_config_model(config: Path, options: dict):
+    return build_model(load_config(str(config), options))
 
 
 @pytest.mark.slow
-def test_nat_mini_matches_published_params_and_gmacs(capsys):
-    needs_na_flop_handle()
+def test_nat_mini_matches_published_params_and_gmacs(call_tool, capsys):
     # Published (original-models.md): NAT-Mini 2.7 GMACs at 224 (fvcore, with the 1k-class head,
     # whose 0.5 M MACs do not show at this precision); 19.47 M backbone params with norm0-3.
-    assert get_flops.main(['--backbone', 'nat-mini', '--shape', '224']) == 0
+    assert call_tool('get_flops', ['--backbone', 'nat-mini', '--shape', '224']) == 0
     out = capsys.readouterr().out
     lines = dict(line.split(':', 1) for line in out.splitlines())
     assert float(lines['Params'].split()[0]) == pytest.approx(19.47, abs=0.01)
     assert float(lines['GFLOPs'].split()[0]) == pytest.approx(2.7, abs=0.05)
-    assert 'NeighborhoodAttention' not in out
+    assert OP_NAME not in out
 
 
 def na_macs(side: int, depths: tuple[int, ...], channels: int, kernel: int = 7) -> int:
@@ -53,40 +50,36 @@ def na_macs(side: int, depths: tuple[int, ...], channels: int, kernel: int = 7) 
 
 
 def test_nat_mini_counts_neighborhood_attention_and_matches_published_params():
-    needs_na_flop_handle()
-    result = run(['--backbone', 'nat-mini', '--shape', '64'])
+    result = run(backbone='nat-mini', shape=(64,))
     assert result['params'] == pytest.approx(19.47e6, abs=0.01e6)  # published, shape-free
-    assert not any('NeighborhoodAttention' in op for op in result['uncounted'])
+    assert OP_NAME not in result['uncounted']
 
 
 def test_neighborhood_attention_share_follows_the_formula(monkeypatch):
-    needs_na_flop_handle()
     from mmengine.analysis import complexity_analysis
 
     from nat_mm.models import NAT
-    from nat_mm.ops.flops import register_flop_handles
 
-    register_flop_handles()
     model = NAT(embed_dim=16, depths=(1, 2, 1, 1), num_heads=(1, 2, 4, 8), mlp_ratio=2.0)
     image = torch.rand(1, 3, 64, 64)
-    _, with_na, uncounted = get_flops.count(model, image)
-    assert not any('NeighborhoodAttention' in op for op in uncounted)
+    _, with_na, uncounted = flops_api.count(model, image)
+    assert OP_NAME not in uncounted
     handles = {
         op: handle
         for op, handle in complexity_analysis._DEFAULT_SUPPORTED_FLOP_OPS.items()
-        if 'NeighborhoodAttention' not in op
+        if op != OP_NAME
     }
     monkeypatch.setattr(complexity_analysis, '_DEFAULT_SUPPORTED_FLOP_OPS', handles)
-    _, without_na, uncounted = get_flops.count(model, image)
-    assert any('NeighborhoodAttention' in op for op in uncounted)
+    _, without_na, uncounted = flops_api.count(model, image)
+    assert OP_NAME in uncounted
     assert with_na - without_na == na_macs(64, depths=(1, 2, 1, 1), channels=16)
 
 
 def test_refuses_a_count_that_leaves_neighborhood_attention_out(monkeypatch):
-    uncounted = {'prim::PythonOp.NeighborhoodAttention2D': 18, 'aten::add': 36}
-    monkeypatch.setattr(get_flops, 'count', lambda model, inputs: (1, 1, uncounted))
-    with pytest.raises(get_flops.ToolError, match='neighborhood attention was not counted'):
-        run(['--backbone', 'nat-mini', '--shape', '64'])
+    uncounted = {OP_NAME: 18, 'aten::add': 36}
+    monkeypatch.setattr(flops_api, 'count', lambda model, inputs: (1, 1, uncounted))
+    with pytest.raises(NatMMError, match='neighborhood attention was not counted'):
+        run(backbone='nat-mini', shape=(64,))
 
 
 # A 32-channel, 4-layer backbone (as tests/test_configs.py shrinks configs) keeps these fast.
@@ -99,45 +92,33 @@ TINY_BACKBONE = {
 }
 
 
-def as_cfg_options(options: dict) -> list[str]:
-    def text(value):
-        return '[' + ','.join(map(str, value)) + ']' if isinstance(value, list) else str(value)
-
-    return ['--cfg-options', *(f'{key}={text(value)}' for key, value in options.items())]
-
-
 def backbone_macs(config: Path, options: dict, side: int) -> int:
-    model, _ = get_flops.build_config_model(str(config), options)
-    return get_flops.count(model.backbone, torch.rand(1, 3, side, side))[1]
+    model = build_config_model(config, options)
+    return flops_api.count(model.backbone, torch.rand(1, 3, side, side))[1]
 
 
 def test_segmentor_config_counts_backbone_and_decode_head_only():
-    pytest.importorskip('mmseg', reason='mmsegmentation is not installed')
-    needs_na_flop_handle()
     options = {
         **TINY_BACKBONE,
         'model.decode_head.in_channels': [32, 64, 128, 256],
         'model.auxiliary_head.in_channels': 128,
     }
-    whole = run([str(UPERNET_MINI), '--shape', '64', *as_cfg_options(options)])
-    model, _ = get_flops.build_config_model(str(UPERNET_MINI), options)
-    assert model.auxiliary_head is None
+    whole = run(UPERNET_MINI, shape=(64,), options=options)
+    model = build_config_model(UPERNET_MINI, options)
     expected_params = sum(
         p.numel() for part in (model.backbone, model.decode_head) for p in part.parameters()
-    )
+    )  # the auxiliary head is dropped, as mmseg's get_flops does
     assert whole['params'] == expected_params
     assert whole['macs'] > backbone_macs(UPERNET_MINI, options, 64) > 0
 
 
 def test_detector_config_runs_rpn_and_roi_heads():
-    pytest.importorskip('mmdet', reason='mmdet is not installed')
-    needs_na_flop_handle()
     options = {
         **TINY_BACKBONE,
         'model.neck.in_channels': [32, 64, 128, 256],
         'model.test_cfg.rpn.max_per_img': 20,
     }
-    whole = run([str(MASK_RCNN_MINI), '--shape', '128', *as_cfg_options(options)])
+    whole = run(MASK_RCNN_MINI, shape=(128,), options=options)
     # The whole two-stage detector is counted, not its backbone alone: the 256-channel FPN, RPN
     # and RoI heads (the box head's two 1024-wide FC layers are 13.9 M MACs per RoI) are many
     # times this 32-channel backbone.
@@ -153,21 +134,18 @@ CASCADE_MINI = (
 def test_cascade_mask_heads_count_the_first_rois_unless_asked(monkeypatch):
     """Published cascade counts ran the three mask heads on the first 100 RoIs; mmdet 3.x's tensor
     mode runs them on every proposal (--all-mask-rois). Here: 3 of at most 12 proposals."""
-    pytest.importorskip('mmdet', reason='mmdet is not installed')
-    needs_na_flop_handle()
-    monkeypatch.setattr(get_flops, 'MASK_ROIS', 3)
+    monkeypatch.setattr(flops_api, 'MASK_ROIS', 3)
     options = {
         **TINY_BACKBONE,
         'model.neck.in_channels': [32, 64, 128, 256],
         'model.test_cfg.rpn.max_per_img': 12,
     }
-    argv = [str(CASCADE_MINI), '--shape', '128', *as_cfg_options(options)]
-    first = run(argv)
-    every = run([*argv, '--all-mask-rois'])
+    first = run(CASCADE_MINI, shape=(128,), options=options)
+    every = run(CASCADE_MINI, shape=(128,), options=options, all_mask_rois=True)
     # MACs of one mask head on one 14 x 14 RoI feature, counted by the same analyzer.
     from mmengine.analysis import FlopAnalyzer
 
-    model, _ = get_flops.build_config_model(str(CASCADE_MINI), options)
+    model = build_config_model(CASCADE_MINI, options)
     mask_head = model.roi_head.mask_head[0].eval()
     with torch.no_grad():
         per_roi = FlopAnalyzer(mask_head, (torch.rand(1, 256, 14, 14),)).total()
@@ -180,21 +158,20 @@ def test_cascade_mask_heads_count_the_first_rois_unless_asked(monkeypatch):
 @pytest.mark.parametrize(
     ('argv', 'message'),
     [
-        (['configs/does-not-exist.py'], 'config file not found'),
-        (['--backbone', 'nat-huge'], "--backbone='nat-huge' is not known"),
-        (['--backbone', 'nat-mini', '--shape', '1', '2', '3'], '--shape expects S or H W'),
+        (
+            ['configs/does-not-exist.py'],
+            'error: config file does not exist (configs/does-not-exist.py)',
+        ),
+        (['--backbone', 'nat-huge'], "error: unknown backbone 'nat-huge'; expected one of ["),
+        (['--backbone', 'nat-mini', '--shape', '1', '2', '3'], 'expected S or H W, each >= 32'),
+        ([], 'give exactly one of a config or a backbone'),
+        (
+            [str(UPERNET_MINI), '--backbone', 'nat-mini'],
+            'give exactly one of a config or a backbone',
+        ),
+        ([str(UPERNET_MINI), '--dilations', 'coco'], 'apply to a bare backbone'),
     ],
 )
-def test_bad_input_exits_with_status_1_and_a_message(argv, message, capsys):
-    assert get_flops.main(argv) == 1
+def test_bad_input_exits_with_status_2_and_a_message(argv, message, call_tool, capsys):
+    assert call_tool('get_flops', argv) == 2
     assert message in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(
-    'argv',
-    [[], [str(UPERNET_MINI), '--backbone', 'nat-mini'], [str(UPERNET_MINI), '--dilations', 'coco']],
-)
-def test_conflicting_arguments_are_usage_errors(argv):
-    with pytest.raises(SystemExit) as exit_info:
-        get_flops.parse_args(argv)
-    assert exit_info.value.code == 2

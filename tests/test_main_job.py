@@ -9,12 +9,12 @@ import sys
 import time
 
 import pytest
-import torch
+
+from nat_mm.apis.main_job import DET_CONFIG, SEG_CONFIG, det_overrides, seg_overrides
+from nat_mm.checkpoint import load_checkpoint
 
 REPO_ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOLS = osp.join(REPO_ROOT, 'tools')
-DET_CONFIG = osp.join(REPO_ROOT, 'configs', 'demo', 'mask-rcnn_nat-demo_fpn_shapes-128.py')
-SEG_CONFIG = osp.join(REPO_ROOT, 'configs', 'demo', 'dinat-demo_upernet_shapes-128.py')
 MAIN_JOB_LIMIT_S = 20 * 60
 
 pytestmark = [
@@ -28,17 +28,11 @@ def tool_env():
 
 
 def overrides(family, data_root, iters):
-    import runpy
-
-    module = runpy.run_path(osp.join(TOOLS, 'main_job.py'), run_name='tool')
-    return module[f'{family}_overrides'](data_root, iters)
+    return {'det': det_overrides, 'seg': seg_overrides}[family](data_root, iters)
 
 
 @pytest.fixture(scope='module')
 def small_data(tmp_path_factory):
-    pytest.importorskip('mmdet', reason='mmdet is not installed')
-    pytest.importorskip('mmseg', reason='mmsegmentation is not installed')
-    pytest.importorskip('pycocotools', reason='pycocotools is not installed')
     from nat_mm.data import DemoDataSettings, generate_demo_datasets
 
     root = str(tmp_path_factory.mktemp('slow_data'))
@@ -47,8 +41,6 @@ def small_data(tmp_path_factory):
 
 
 def test_main_job_learns_within_time_limit(tmp_path):
-    pytest.importorskip('mmdet', reason='mmdet is not installed')
-    pytest.importorskip('mmseg', reason='mmsegmentation is not installed')
     start = time.perf_counter()
     result = subprocess.run(
         [sys.executable, osp.join(TOOLS, 'main_job.py'), '--work-dir', str(tmp_path / 'job'),
@@ -96,12 +88,12 @@ def test_resume_after_sigkill_finishes_with_same_iterations(small_data, tmp_path
                              capture_output=True, text=True, timeout=900)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert 'resumed' in (resumed.stdout + resumed.stderr).lower()
-    final = torch.load(work_dir / f'iter_{total}.pth', map_location='cpu', weights_only=False)
+    final = load_checkpoint(work_dir / f'iter_{total}.pth')
     assert final['meta']['iter'] == total
     for name in os.listdir(work_dir):  # every checkpoint left behind is complete
         if name.endswith('.pth'):
-            torch.load(work_dir / name, map_location='cpu', weights_only=False)
-    assert not [name for name in os.listdir(work_dir) if name.startswith('.iter_')]
+            load_checkpoint(work_dir / name)
+    assert not [name for name in os.listdir(work_dir) if name.endswith('.partial')]
 
 
 def test_two_process_torchrun_trains_and_evaluates(small_data, tmp_path):

@@ -52,11 +52,15 @@ def test_build_from_downstream_registry(package, type_name, cls):
 
 @pytest.mark.parametrize('package', ['mmdet', 'mmseg'])
 def test_outputs_feed_an_fpn_neck(package):
+    from mmengine.registry import DefaultScope
+
     registry = downstream_registry(package)
-    backbone = registry.build(dict(type='NAT', **SMALL, kernel_size=3, out_indices=(1, 2, 3)))
-    neck = registry.build(
-        dict(type='FPN', in_channels=list(backbone.out_channels), out_channels=8, num_outs=3)
-    )
+    # The library's scope, whatever an earlier test left as the current default scope.
+    with DefaultScope.overwrite_default_scope(package):
+        backbone = registry.build(dict(type='NAT', **SMALL, kernel_size=3, out_indices=(1, 2, 3)))
+        neck = registry.build(
+            dict(type='FPN', in_channels=list(backbone.out_channels), out_channels=8, num_outs=3)
+        )
     with torch.no_grad():
         features = neck(list(backbone.eval()(torch.randn(1, 3, 64, 48))))
     assert [tuple(f.shape) for f in features] == [(1, 8, 8, 6), (1, 8, 4, 3), (1, 8, 2, 2)]

@@ -1,61 +1,12 @@
 """Convert NAT / DiNAT checkpoints between the original, mmdet/mmseg and HuggingFace layouts.
 
-The source layout is detected automatically (original flat or under ``model``/``state_dict``,
-``backbone.``-prefixed downstream checkpoints, HuggingFace ``nat.``/``dinat.`` files or folders,
-URLs). Examples::
-
-    python tools/convert_checkpoint.py dinat_tiny_in1k_224.pth dinat_tiny_hf/ --to huggingface \
-        --hf-prefix dinat
-    python tools/convert_checkpoint.py hf_folder/ nat_mini.pth --to original
-    python tools/convert_checkpoint.py mask_rcnn_nat_mini.pth backbone.pth --to original
-
-Converting a downstream checkpoint keeps the backbone only. Exit status 1 on any error.
+Its command line is nat_mm/tools/convert_checkpoint.py, so an installed nat_mm has it too:
+``python -m nat_mm.tools.convert_checkpoint``. Options: ``--help``.
 """
 
-import argparse
-import os
 import sys
 
-from nat_mm.models.checkpoint import FORMATS, convert_checkpoint, save_checkpoint_file
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('source', help='checkpoint file, HuggingFace folder or http(s) URL')
-    parser.add_argument(
-        'destination',
-        help='output file (.pth, .bin, .safetensors) or folder (gets model.safetensors)',
-    )
-    parser.add_argument('--to', required=True, choices=FORMATS, help='layout to write')
-    parser.add_argument(
-        '--hf-prefix',
-        default='nat',
-        help="HuggingFace model prefix for --to huggingface: 'nat' (default), 'dinat', or '' for "
-        'the NatBackbone / NatModel layout',
-    )
-    parser.add_argument('--force', action='store_true', help='overwrite an existing file')
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    destination = args.destination
-    if os.path.isfile(destination) and not args.force:
-        print(f'error: {destination} exists; pass --force to overwrite', file=sys.stderr)
-        return 1
-    try:
-        checkpoint, source_format, dropped = convert_checkpoint(
-            args.source, args.to, args.hf_prefix
-        )
-        written = save_checkpoint_file(checkpoint, destination)
-    except (OSError, ValueError, TypeError, RuntimeError) as error:
-        print(f'error: {error}', file=sys.stderr)
-        return 1
-    if dropped:
-        print(f'dropped {len(dropped)} non-backbone keys of the {source_format} checkpoint')
-    print(f'converted {args.source} ({source_format}) -> {written} ({args.to})')
-    return 0
-
+from nat_mm.tools.convert_checkpoint import main
 
 if __name__ == '__main__':
     sys.exit(main())

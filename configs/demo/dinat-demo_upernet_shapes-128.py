@@ -103,11 +103,12 @@ optim_wrapper = dict(
 )
 
 # mmseg keeps its default hooks in the schedule bases, which this config does not inherit.
+runner_type = 'SafeLoadRunner'  # docs/checkpoints.md
 default_hooks = dict(
     timer=dict(type='IterTimerHook'),
     logger=dict(type='LoggerHook', interval=20, log_metric_by_epoch=False),
     param_scheduler=dict(type='ParamSchedulerHook'),
-    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=200, max_keep_ckpts=2),
+    checkpoint=dict(type='CrashSafeCheckpointHook', by_epoch=False, interval=200, max_keep_ckpts=2),
     sampler_seed=dict(type='DistSamplerSeedHook'),
     visualization=dict(type='SegVisualizationHook'),
 )

@@ -103,9 +103,10 @@ optim_wrapper = dict(
     clip_grad=dict(max_norm=10.0),
 )
 
+runner_type = 'SafeLoadRunner'  # docs/checkpoints.md
 default_hooks = dict(
     logger=dict(interval=20),
-    checkpoint=dict(by_epoch=False, interval=200, max_keep_ckpts=2),
+    checkpoint=dict(type='CrashSafeCheckpointHook', by_epoch=False, interval=200, max_keep_ckpts=2),
 )
 log_processor = dict(by_epoch=False)
 env_cfg = dict(cudnn_benchmark=False)

@@ -1,15 +1,18 @@
-"""Runner-side additions: crash-safe checkpoint saving and resuming."""
+"""Components a config switches on by name: crash-safe checkpoint saving and safe loading.
 
-from .atomic_checkpoint import (
-    atomic_write_bytes,
-    find_latest_checkpoint,
-    install_atomic_checkpointing,
-    newest_checkpoint_in,
-)
+``runner_type = 'SafeLoadRunner'`` and
+``default_hooks = dict(checkpoint=dict(type='CrashSafeCheckpointHook', ...))``; registering them
+in mmengine's root registries is all that importing this module does.
+"""
+
+from nat_mm.engine.checkpoint_hook import CrashSafeCheckpointHook, remove_partial_files
+from nat_mm.engine.resume import checkpoint_problem, find_resume_checkpoint
+from nat_mm.engine.runner import SafeLoadRunner
 
 __all__ = [
-    'atomic_write_bytes',
-    'find_latest_checkpoint',
-    'install_atomic_checkpointing',
-    'newest_checkpoint_in',
+    'CrashSafeCheckpointHook',
+    'SafeLoadRunner',
+    'checkpoint_problem',
+    'find_resume_checkpoint',
+    'remove_partial_files',
 ]

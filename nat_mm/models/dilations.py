@@ -4,8 +4,9 @@ A schedule gives ``dilations[stage][layer]``. Each stage entry is either a fixed
 must equal the stage depth) or a repeating pattern, written ``Repeat(...)``, tiled to the stage
 depth (the depth must be a multiple of the pattern length). Sources: SHI-Labs/
 Neighborhood-Attention-Transformer ``classification/dinat.py``, ``detection/configs``,
-``segmentation/configs`` and ``mask2former/configs`` (the largest dilation of a stage is
-``floor(side / kernel)`` at the nominal input size of the recipe).
+``segmentation/configs`` and ``mask2former/configs``, tabled in docs/original-models.md
+section 2 (the largest dilation of a stage is ``floor(side / kernel)`` at the nominal input size
+of the recipe).
 """
 
 from collections.abc import Sequence

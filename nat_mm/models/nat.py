@@ -3,10 +3,11 @@
 Papers: NAT (Hassani et al., CVPR 2023, arXiv:2204.07143) and DiNAT (Hassani & Shi,
 arXiv:2209.15001). Follows SHI-Labs/Neighborhood-Attention-Transformer ``detection/nat.py``
 (@ d334f5b) module for module, so original, downstream and HuggingFace checkpoints load one-to-one
-(see :mod:`nat_mm.models.checkpoint`). Reading order: presets -> backbone (the layers are in
+(see :mod:`nat_mm.checkpoint`). Reading order: presets -> backbone (the layers are in
 :mod:`nat_mm.models.layers`).
 """
 
+import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -15,6 +16,8 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from torch import nn
 
+from nat_mm.checkpoint import load_backbone_checkpoint
+from nat_mm.errors import NatMMError
 from nat_mm.models.dilations import resolve_dilations
 from nat_mm.models.layers import (
     LAYER_NORM_EPS,
@@ -87,6 +90,13 @@ def _resolve_arch(
                 f'{ {name: preset[name] for name in conflicts} }); pass either arch or explicit '
                 f'values (arch=None)'
             )
+    # The tokenizer's first convolution has embed_dim / 2 channels.
+    if not isinstance(spec.embed_dim, int) or spec.embed_dim < 2 or spec.embed_dim % 2:
+        raise ValueError(f'embed_dim must be an even int >= 2, got embed_dim={spec.embed_dim!r}')
+    if not spec.depths or any(not isinstance(d, int) or d < 1 for d in spec.depths):
+        raise ValueError(f'depths must be ints >= 1, one per stage, got depths={spec.depths}')
+    if not spec.mlp_ratio > 0:
+        raise ValueError(f'mlp_ratio must be > 0, got mlp_ratio={spec.mlp_ratio}')
     if len(spec.depths) != len(spec.num_heads):
         raise ValueError(
             f'depths={spec.depths} and num_heads={spec.num_heads} must have the same length'
@@ -99,6 +109,33 @@ def _resolve_arch(
                 f'num_heads[{i}]={heads} does not divide'
             )
     return spec
+
+
+PRETRAINED_KEYS = ('type', 'checkpoint', 'trust')
+
+
+def _is_pretrained(init_cfg: object) -> bool:
+    return isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained'
+
+
+def _check_pretrained_cfg(init_cfg: dict) -> None:
+    """Fail at construction, not after the model is built, on a bad Pretrained ``init_cfg``."""
+    unknown = sorted(set(init_cfg) - set(PRETRAINED_KEYS))
+    if unknown:
+        raise NatMMError(
+            f"init_cfg=dict(type='Pretrained') takes {list(PRETRAINED_KEYS[1:])}, got also "
+            f'{unknown} (the checkpoint layout is detected, no prefix is needed)',
+            'init_cfg',
+        )
+    checkpoint = init_cfg.get('checkpoint')
+    if not isinstance(checkpoint, (str, os.PathLike)) or not os.fspath(checkpoint):
+        raise NatMMError(
+            f'init_cfg.checkpoint must be a path or URL, got {checkpoint!r}', 'init_cfg'
+        )
+    if not isinstance(init_cfg.get('trust', False), bool):
+        raise NatMMError(
+            f'init_cfg.trust must be True or False, got {init_cfg["trust"]!r}', 'init_cfg'
+        )
 
 
 @MODELS.register_module()
@@ -130,10 +167,11 @@ class NAT(BaseModule):
         frozen_stages: -1 freezes nothing, 0 the patch embedding, i >= 1 also stages 0..i-1 with
             their downsamplers and output norms.
         with_cp: Gradient checkpointing per layer (same outputs and gradients, less memory).
-        attn_backend: ``nat_mm.ops.na2d`` backend ('torch', 'flex', 'natten') or None for auto.
+        attn_backend: ``nat_mm.ops.na2d`` backend ('cpu', 'torch', 'flex', 'natten') or None (auto).
         in_channels: Image channels.
         init_cfg: mmengine init config; ``dict(type='Pretrained', checkpoint=PATH_OR_URL)`` loads
-            original, mmdet/mmseg or HuggingFace checkpoints strictly (see :meth:`init_weights`).
+            original, mmdet/mmseg or HuggingFace checkpoints strictly (see :meth:`init_weights`),
+            tensors only; add ``trust=True`` to unpickle an old checkpoint you trust fully.
 
     Attributes:
         out_channels: Channels of each returned map.
@@ -166,6 +204,8 @@ class NAT(BaseModule):
         in_channels: int = 3,
         init_cfg: dict | None = None,
     ) -> None:
+        if _is_pretrained(init_cfg):
+            _check_pretrained_cfg(init_cfg)
         super().__init__(init_cfg=init_cfg)
         spec = _resolve_arch(
             arch,
@@ -268,12 +308,10 @@ class NAT(BaseModule):
 
         Other ``init_cfg`` types are handled by mmengine's :meth:`BaseModule.init_weights`.
         """
-        init_type = self.init_cfg.get('type') if isinstance(self.init_cfg, dict) else None
-        if init_type == 'Pretrained':
-            # Imported here: checkpoint.py is independent of the model classes.
-            from nat_mm.models.checkpoint import load_backbone_checkpoint
-
-            load_backbone_checkpoint(self, self.init_cfg['checkpoint'])
+        if _is_pretrained(self.init_cfg):
+            load_backbone_checkpoint(
+                self, self.init_cfg['checkpoint'], trust=self.init_cfg.get('trust', False)
+            )
         elif self.init_cfg is None:
             self.apply(init_module)
         else:

@@ -4,6 +4,11 @@ _base_ = ['mmdet::mask2former/mask2former_swin-t-p4-w7-224_8xb2-lsj-50e_coco.py'
 
 custom_imports = dict(imports=['nat_mm'], allow_failed_imports=False)
 
+# nat_mm's runtime (docs/checkpoints.md): checkpoints are read without running code from them
+# and saved so that a kill never loses the last complete one.
+runner_type = 'SafeLoadRunner'
+default_hooks = dict(checkpoint=dict(type='CrashSafeCheckpointHook'))
+
 model = dict(
     backbone=dict(
         _delete_=True,

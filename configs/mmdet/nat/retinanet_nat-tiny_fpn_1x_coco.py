@@ -6,6 +6,11 @@ _base_ = ['mmdet::retinanet/retinanet_r50_fpn_1x_coco.py']
 
 custom_imports = dict(imports=['nat_mm'], allow_failed_imports=False)
 
+# nat_mm's runtime (docs/checkpoints.md): checkpoints are read without running code from them
+# and saved so that a kill never loses the last complete one.
+runner_type = 'SafeLoadRunner'
+default_hooks = dict(checkpoint=dict(type='CrashSafeCheckpointHook'))
+
 model = dict(
     backbone=dict(
         _delete_=True,

@@ -7,6 +7,11 @@ _base_ = ['mmseg::mask2former/mask2former_swin-l-in22k-384x384-pre_8xb2-160k_ade
 # Replaces the inherited import list, so mmdet's Mask2Former parts must be listed again.
 custom_imports = dict(imports=['mmdet.models', 'nat_mm'], allow_failed_imports=False)
 
+# nat_mm's runtime (docs/checkpoints.md): checkpoints are read without running code from them
+# and saved so that a kill never loses the last complete one.
+runner_type = 'SafeLoadRunner'
+default_hooks = dict(checkpoint=dict(type='CrashSafeCheckpointHook'))
+
 model = dict(
     backbone=dict(
         _delete_=True,

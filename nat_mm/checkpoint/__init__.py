@@ -1,0 +1,59 @@
+"""Checkpoints: reading them without running code, their layouts, strict loading, safe writing.
+
+- :mod:`~nat_mm.checkpoint.reading`: :func:`load_checkpoint` (tensors-only by default) and the
+  allowlist of its restricted unpickler;
+- :mod:`~nat_mm.checkpoint.download`: URLs, cached and optionally hash-checked;
+- :mod:`~nat_mm.checkpoint.layouts`: the original / mmdet / HuggingFace layouts and converters;
+- :mod:`~nat_mm.checkpoint.strict`: loading into a model or a backbone, every bad key reported;
+- :mod:`~nat_mm.checkpoint.writing`: atomic writes and file conversion.
+"""
+
+from nat_mm.checkpoint.download import download_checkpoint
+from nat_mm.checkpoint.layouts import (
+    FORMATS,
+    detect_format,
+    from_natmm,
+    resize_rpb,
+    to_natmm,
+    unwrap_state_dict,
+)
+from nat_mm.checkpoint.reading import (
+    UnsafeCheckpointError,
+    allowed_global_names,
+    load_checkpoint,
+)
+from nat_mm.checkpoint.strict import (
+    KeyReport,
+    compare_state_dicts,
+    load_backbone_checkpoint,
+    load_model_checkpoint,
+    load_state_dict_strictly,
+)
+from nat_mm.checkpoint.writing import (
+    atomic_write_bytes,
+    check_can_write,
+    convert_checkpoint_file,
+    save_checkpoint_file,
+)
+
+__all__ = [
+    'FORMATS',
+    'KeyReport',
+    'UnsafeCheckpointError',
+    'allowed_global_names',
+    'atomic_write_bytes',
+    'check_can_write',
+    'compare_state_dicts',
+    'convert_checkpoint_file',
+    'detect_format',
+    'download_checkpoint',
+    'from_natmm',
+    'load_backbone_checkpoint',
+    'load_checkpoint',
+    'load_model_checkpoint',
+    'load_state_dict_strictly',
+    'resize_rpb',
+    'save_checkpoint_file',
+    'to_natmm',
+    'unwrap_state_dict',
+]

@@ -1,0 +1,55 @@
+"""What every command-line tool shares: one error convention and the common arguments."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from mmengine.config import DictAction
+
+from nat_mm.errors import NatMMError
+
+EXIT_BAD_INPUT = 2  # as argparse exits for a bad command line
+
+
+def run(work: Callable[[], object]) -> int:
+    """Runs a tool's work; a :class:`NatMMError` becomes ``error: ...`` on stderr and status 2.
+
+    Returns:
+        The exit status: 0, or 2 for bad input.
+    """
+    try:
+        work()
+    except NatMMError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def add_cfg_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override config settings, key=value (e.g. train_cfg.max_iters=100)',
+    )
+
+
+def add_trust(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        '--trust-checkpoint',
+        action='store_true',
+        help='unpickle the checkpoint with the full pickle module: it can then run code, so only '
+        'for files you trust (default: tensors and a short allowlist, docs/checkpoints.md)',
+    )
+
+
+def add_force(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument('--force', action='store_true', help=f'overwrite {what}')
+
+
+def add_launcher(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    # Old launchers pass --local-rank; torchrun sets LOCAL_RANK itself.
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
