@@ -210,7 +210,7 @@ def test_partial_files_are_removed_and_nothing_else(tmp_path):
 
 
 def test_atomic_writes_keep_the_umask_mode_and_write_through_symlinks(tmp_path):
-    from nat_mm.checkpoint import atomic_write_bytes
+    from nat_mm.fileio import atomic_write_bytes
 
     previous = os.umask(0o022)
     try:
@@ -229,8 +229,8 @@ def test_atomic_writes_keep_the_umask_mode_and_write_through_symlinks(tmp_path):
 
 
 def test_a_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
-    import nat_mm.checkpoint.writing as writing
-    from nat_mm.checkpoint import atomic_write_bytes
+    import nat_mm.fileio as writing
+    from nat_mm.fileio import atomic_write_bytes
 
     target = tmp_path / 'iter_1.pth'
     target.write_bytes(b'old')

@@ -2,14 +2,11 @@
 
 import pytest
 import torch
+from mmengine.analysis import get_model_complexity_info
 from torch import nn
 
 from nat_mm.models import NAT
-
-flops = pytest.importorskip(
-    'nat_mm.ops.flops', reason='nat_mm.ops.flops (the na2d FLOP handle) is not available yet'
-)
-from mmengine.analysis import get_model_complexity_info  # noqa: E402
+from nat_mm.ops import flops
 
 # Published GMACs (NAT README, fvcore) at 224x224 with the ImageNet head.
 PUBLISHED_GMACS = {'mini': 2.7, 'tiny': 4.3, 'small': 7.8, 'base': 13.7}

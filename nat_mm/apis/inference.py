@@ -12,9 +12,10 @@ from PIL import Image
 
 from nat_mm.apis.config import library_of, load_config, register_library
 from nat_mm.apis.datasets import IMAGE_EXTENSIONS
-from nat_mm.checkpoint import atomic_write_bytes, load_checkpoint, load_state_dict_strictly
+from nat_mm.checkpoint import load_checkpoint, load_state_dict_strictly
 from nat_mm.checkpoint.layouts import unwrap_state_dict
 from nat_mm.errors import NatMMError
+from nat_mm.fileio import atomic_write_bytes
 
 
 def _safe_inferencer_class(base: type, library: str) -> type:
@@ -47,6 +48,7 @@ def init_inferencer(
     device: str = 'cpu',
     cfg_options: dict | None = None,
     trust: bool = False,
+    sha256: str | None = None,
 ):
     """An mmdet ``DetInferencer`` or mmseg ``MMSegInferencer`` (from the config's scope).
 
@@ -56,6 +58,7 @@ def init_inferencer(
         device: 'cpu', 'cuda', 'cuda:1', ...
         cfg_options: Config overrides.
         trust: Allow full unpickling of the checkpoint (only for files you trust).
+        sha256: Expected SHA-256 of the checkpoint file, or None.
 
     Raises:
         NatMMError: Bad config, unreadable / unsafe checkpoint, or weights that do not fit.
@@ -63,7 +66,7 @@ def init_inferencer(
     cfg = load_config(config, cfg_options)
     library = library_of(cfg)
     register_library(library)
-    weights = load_checkpoint(checkpoint, trust=trust)
+    weights = load_checkpoint(checkpoint, trust=trust, sha256=sha256)
     if library == 'mmdet':
         from mmdet.apis import DetInferencer as base
     else:

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 from nat_mm.apis.config import build_model, load_config
 from nat_mm.apis.datasets import generate_demo_data
-from nat_mm.checkpoint import atomic_write_bytes, save_checkpoint_file
+from nat_mm.checkpoint import save_checkpoint_file
 from nat_mm.data import ADE_SUBDIR, DemoDataSettings
 from nat_mm.errors import NatMMError
+from nat_mm.fileio import atomic_write_bytes
 
 # The demo configs ship in the repository's configs/demo folder.
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), 'configs')

@@ -17,9 +17,9 @@ from mmengine.config import Config, ConfigDict
 
 from nat_mm.apis.config import library_of, load_config, register_library
 from nat_mm.apis.datasets import check_dataset_files
-from nat_mm.checkpoint.writing import check_can_write
 from nat_mm.engine.resume import find_resume_checkpoint
 from nat_mm.errors import NatMMError
+from nat_mm.fileio import check_can_write
 
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
 
@@ -263,6 +263,7 @@ def build_test_runner(
     trust: bool = False,
     force: bool = False,
     metrics_json: str | None = None,
+    sha256: str | None = None,
 ):
     """The configured mmengine Runner for testing, after every input check.
 
@@ -271,7 +272,7 @@ def build_test_runner(
     unpickling) and loaded strictly when the test starts. ``out``: mmdet, a ``.pkl`` file of
     the predictions; mmseg, a folder of prediction PNGs. Other arguments as for
     :func:`build_train_runner` and mmdet's / mmseg's ``test.py``; ``metrics_json`` is only
-    checked here (:func:`run_test` writes it).
+    checked here (:func:`run_test` writes it); ``sha256`` is the checkpoint's expected hash.
 
     Raises:
         NatMMError: Any bad input, before the evaluation starts.
@@ -283,7 +284,7 @@ def build_test_runner(
     register_library(library)
     if not checkpoint.startswith(('http://', 'https://')):
         # URLs are downloaded by the runner, once the process group exists (rank 0 first).
-        checkpoint = resolve_checkpoint_path(checkpoint)
+        checkpoint = resolve_checkpoint_path(checkpoint, sha256)
     if metrics_json is not None:
         check_can_write(metrics_json, force, '--metrics-json')
     check_backbone(cfg)
@@ -291,6 +292,7 @@ def build_test_runner(
     set_work_dir(cfg, work_dir, config)
     use_nat_mm_runtime(cfg, trust)
     cfg.load_from = checkpoint
+    cfg.load_from_sha256 = sha256
     if out is not None:
         if library == 'mmdet':
             if not out.endswith(('.pkl', '.pickle')):
@@ -334,7 +336,7 @@ def run_test(runner, metrics_json: str | None = None) -> dict:
 
     from mmengine.dist import is_main_process
 
-    from nat_mm.checkpoint import atomic_write_bytes
+    from nat_mm.fileio import atomic_write_bytes
 
     metrics = runner.test()
     if not metrics:

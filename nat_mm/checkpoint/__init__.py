@@ -5,7 +5,7 @@
 - :mod:`~nat_mm.checkpoint.download`: URLs, cached and optionally hash-checked;
 - :mod:`~nat_mm.checkpoint.layouts`: the original / mmdet / HuggingFace layouts and converters;
 - :mod:`~nat_mm.checkpoint.strict`: loading into a model or a backbone, every bad key reported;
-- :mod:`~nat_mm.checkpoint.writing`: atomic writes and file conversion.
+- :mod:`~nat_mm.checkpoint.writing`: saving and converting files (atomically, :mod:`nat_mm.fileio`).
 """
 
 from nat_mm.checkpoint.download import download_checkpoint
@@ -29,20 +29,13 @@ from nat_mm.checkpoint.strict import (
     load_model_checkpoint,
     load_state_dict_strictly,
 )
-from nat_mm.checkpoint.writing import (
-    atomic_write_bytes,
-    check_can_write,
-    convert_checkpoint_file,
-    save_checkpoint_file,
-)
+from nat_mm.checkpoint.writing import convert_checkpoint_file, save_checkpoint_file
 
 __all__ = [
     'FORMATS',
     'KeyReport',
     'UnsafeCheckpointError',
     'allowed_global_names',
-    'atomic_write_bytes',
-    'check_can_write',
     'compare_state_dicts',
     'convert_checkpoint_file',
     'detect_format',

@@ -55,6 +55,15 @@ def _fetch(url: str, path: str) -> None:
             os.remove(temporary)
 
 
+def check_sha256(path: str, sha256: str) -> None:
+    """Raises NatMMError unless the file's SHA-256 starts with ``sha256`` (8 to 64 hex digits)."""
+    if not _HEX_DIGEST.fullmatch(sha256):
+        raise NatMMError(f'sha256 must be 8 to 64 hex digits, got {sha256!r}', 'sha256')
+    actual = file_sha256(path)
+    if not actual.startswith(sha256.lower()):
+        raise NatMMError(f'the checkpoint has SHA-256 {actual}, expected {sha256}', path)
+
+
 def download_checkpoint(url: str, sha256: str | None = None) -> str:
     """The local copy of ``url``, downloaded first if needed (rank 0 first, then a barrier).
 
@@ -87,13 +96,10 @@ def download_checkpoint(url: str, sha256: str | None = None) -> str:
     if not os.path.isfile(path):
         raise NatMMError('rank 0 could not download the checkpoint', url)
     if sha256 is not None:
-        actual = file_sha256(path)
-        if not actual.startswith(sha256.lower()):
+        try:
+            check_sha256(path, sha256)
+        except NatMMError as error:
             if rank == 0:
-                os.remove(path)
-            raise NatMMError(
-                f'the downloaded checkpoint has SHA-256 {actual}, expected {sha256}; the file '
-                'was removed',
-                url,
-            )
+                os.remove(path)  # so that the next run downloads it again
+            raise NatMMError(f'{error.what}; the download was removed', url) from None
     return path

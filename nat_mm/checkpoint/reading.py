@@ -176,17 +176,22 @@ def _restricted_pickle_module() -> types.ModuleType:
 # ----------------------------------------------------------------------------- reading files
 
 
-def resolve_checkpoint_path(source: str | os.PathLike) -> str:
+def resolve_checkpoint_path(source: str | os.PathLike, sha256: str | None = None) -> str:
     """The local file ``source`` names: itself, a HuggingFace folder's weight file, or a download.
 
+    Args:
+        source: See :func:`load_checkpoint`.
+        sha256: Expected SHA-256 (hex, 8 to 64 digits) of the file, or None.
+
     Raises:
-        NatMMError: Nothing readable there, an empty file, or an unsupported URL scheme.
+        NatMMError: Nothing readable there, an empty file, a hash that differs, or an
+            unsupported URL scheme.
     """
+    from nat_mm.checkpoint.download import check_sha256, download_checkpoint
+
     source = os.fspath(source)
     if source.startswith(('http://', 'https://')):
-        from nat_mm.checkpoint.download import download_checkpoint
-
-        return download_checkpoint(source)
+        return download_checkpoint(source, sha256)
     if '://' in source:
         raise NatMMError(
             'unsupported checkpoint scheme: give a local path or an http(s) URL', source
@@ -201,11 +206,16 @@ def resolve_checkpoint_path(source: str | os.PathLike) -> str:
         raise NatMMError('checkpoint file does not exist', source)
     if os.path.getsize(path) == 0:
         raise NatMMError('checkpoint file is empty (0 bytes)', source)
+    if sha256 is not None:
+        check_sha256(path, sha256)
     return path
 
 
 def load_checkpoint(
-    source: str | os.PathLike, map_location: Any = 'cpu', trust: bool = False
+    source: str | os.PathLike,
+    map_location: Any = 'cpu',
+    trust: bool = False,
+    sha256: str | None = None,
 ) -> Any:
     """Reads a checkpoint without running code from it (unless ``trust``).
 
@@ -215,6 +225,7 @@ def load_checkpoint(
             (downloaded once into a cache, see :func:`nat_mm.checkpoint.download_checkpoint`).
         map_location: As for :func:`torch.load`.
         trust: Unpickle with the full pickle module: only for files you trust.
+        sha256: Expected SHA-256 of the file (hex, 8 to 64 leading digits), or None.
 
     Returns:
         What the file holds (a state dict, or a dict wrapping one).
@@ -224,7 +235,7 @@ def load_checkpoint(
             message, with the opt-in).
         NatMMError: The file is missing, empty or unreadable.
     """
-    path = resolve_checkpoint_path(source)
+    path = resolve_checkpoint_path(source, sha256)
     try:
         if path.endswith('.safetensors'):
             device = map_location if isinstance(map_location, str) else 'cpu'

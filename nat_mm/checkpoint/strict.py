@@ -81,7 +81,11 @@ def compare_state_dicts(
 
 
 def load_model_checkpoint(
-    model: nn.Module, source: str | os.PathLike, trust: bool = False, map_location: Any = 'cpu'
+    model: nn.Module,
+    source: str | os.PathLike,
+    trust: bool = False,
+    map_location: Any = 'cpu',
+    sha256: str | None = None,
 ) -> Any:
     """Reads a checkpoint safely and loads it into ``model`` (a whole detector / segmentor).
 
@@ -90,6 +94,7 @@ def load_model_checkpoint(
         source: See :func:`nat_mm.checkpoint.load_checkpoint`.
         trust: Allow full unpickling (only for files you trust).
         map_location: As for :func:`torch.load`.
+        sha256: Expected SHA-256 of the file, or None.
 
     Returns:
         The checkpoint object (its ``meta`` holds e.g. the dataset's class names).
@@ -97,7 +102,7 @@ def load_model_checkpoint(
     Raises:
         NatMMError: Unreadable file, or keys / shapes / values that do not fit, all listed.
     """
-    checkpoint = load_checkpoint(source, map_location=map_location, trust=trust)
+    checkpoint = load_checkpoint(source, map_location=map_location, trust=trust, sha256=sha256)
     load_state_dict_strictly(model, unwrap_state_dict(checkpoint, source), source)
     return checkpoint
 
@@ -153,7 +158,7 @@ def _resize_rpb_tables(
 
 
 def load_backbone_checkpoint(
-    model: nn.Module, source: str | os.PathLike, trust: bool = False
+    model: nn.Module, source: str | os.PathLike, trust: bool = False, sha256: str | None = None
 ) -> str:
     """Loads a checkpoint of any recognised layout into a NAT / DiNAT backbone, strictly.
 
@@ -165,6 +170,7 @@ def load_backbone_checkpoint(
         model: The backbone.
         source: See :func:`nat_mm.checkpoint.load_checkpoint`.
         trust: Allow full unpickling (only for files you trust).
+        sha256: Expected SHA-256 of the file, or None.
 
     Returns:
         The detected layout.
@@ -172,7 +178,7 @@ def load_backbone_checkpoint(
     Raises:
         NatMMError: Missing, unexpected, mis-shaped or non-finite backbone keys, all listed.
     """
-    raw = unwrap_state_dict(load_checkpoint(source, trust=trust), source)
+    raw = unwrap_state_dict(load_checkpoint(source, trust=trust, sha256=sha256), source)
     state_dict, source_format, dropped = to_natmm(raw)
     expected = model.state_dict()
     ignored = dropped + sorted(key for key in state_dict if _is_classifier_key(key))

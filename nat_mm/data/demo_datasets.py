@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+from nat_mm.fileio import atomic_write_bytes
+
 from .formats import (
     MASK_FORMATS,
     ade_label_map,
@@ -75,10 +77,7 @@ class DemoDataSettings:
 
 def _write_json(data: dict, path: str) -> None:
     """Write JSON atomically, so an interrupted run never leaves a truncated annotation file."""
-    temporary = f'{path}.tmp'
-    with open(temporary, 'w') as f:
-        json.dump(data, f)
-    os.replace(temporary, path)
+    atomic_write_bytes(json.dumps(data).encode(), path)
 
 
 def _save_image(array: np.ndarray, path: str) -> None:

@@ -27,8 +27,8 @@ from mmengine.fileio.backends import LocalBackend
 from mmengine.hooks import CheckpointHook
 from mmengine.registry import HOOKS
 
-from nat_mm.checkpoint.writing import PARTIAL_SUFFIX, atomic_write_bytes, partial_path, publish_file
 from nat_mm.engine.resume import POINTER_NAME
+from nat_mm.fileio import PARTIAL_SUFFIX, atomic_write_bytes, partial_path, publish_file
 
 _PARTIAL = re.compile(rf'\..+{re.escape(PARTIAL_SUFFIX)}')
 

@@ -10,7 +10,8 @@ and, for ``resume=True`` without a file, picks the checkpoint with
 :func:`nat_mm.engine.resume.find_resume_checkpoint`.
 
 Enable it with ``runner_type = 'SafeLoadRunner'`` in a config (nat_mm's configs and tools do);
-``trust_checkpoint = True`` in the config allows full unpickling for files you trust.
+``trust_checkpoint = True`` in the config allows full unpickling for files you trust, and
+``load_from_sha256 = '...'`` checks the hash of the ``load_from`` file.
 """
 
 from __future__ import annotations
@@ -68,8 +69,10 @@ class SafeLoadRunner(Runner):
         Raises:
             NatMMError: Unreadable or unsafe file, or weights that do not fit (every key listed).
         """
+        sha256 = self.cfg.get('load_from_sha256') if filename == self._load_from else None
+        trust = bool(self.cfg.get('trust_checkpoint', False))
         checkpoint = load_checkpoint(
-            filename, map_location=map_location, trust=bool(self.cfg.get('trust_checkpoint', False))
+            filename, map_location=map_location, trust=trust, sha256=sha256
         )
         self.call_hook('after_load_checkpoint', checkpoint=checkpoint)
         load_state_dict_strictly(self.model, unwrap_state_dict(checkpoint, filename), filename)

@@ -111,7 +111,7 @@ def _resolve_arch(
     return spec
 
 
-PRETRAINED_KEYS = ('type', 'checkpoint', 'trust')
+PRETRAINED_KEYS = ('type', 'checkpoint', 'trust', 'sha256')
 
 
 def _is_pretrained(init_cfg: object) -> bool:
@@ -171,7 +171,8 @@ class NAT(BaseModule):
         in_channels: Image channels.
         init_cfg: mmengine init config; ``dict(type='Pretrained', checkpoint=PATH_OR_URL)`` loads
             original, mmdet/mmseg or HuggingFace checkpoints strictly (see :meth:`init_weights`),
-            tensors only; add ``trust=True`` to unpickle an old checkpoint you trust fully.
+            tensors only; add ``trust=True`` to unpickle an old checkpoint you trust fully, and
+            ``sha256='...'`` to check the file's hash.
 
     Attributes:
         out_channels: Channels of each returned map.
@@ -310,7 +311,10 @@ class NAT(BaseModule):
         """
         if _is_pretrained(self.init_cfg):
             load_backbone_checkpoint(
-                self, self.init_cfg['checkpoint'], trust=self.init_cfg.get('trust', False)
+                self,
+                self.init_cfg['checkpoint'],
+                trust=self.init_cfg.get('trust', False),
+                sha256=self.init_cfg.get('sha256'),
             )
         elif self.init_cfg is None:
             self.apply(init_module)

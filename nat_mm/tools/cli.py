@@ -45,6 +45,12 @@ def add_trust(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_sha256(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        '--sha256', help="the checkpoint's expected SHA-256 (8 to 64 leading hex digits)"
+    )
+
+
 def add_force(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument('--force', action='store_true', help=f'overwrite {what}')
 

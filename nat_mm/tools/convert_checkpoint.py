@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from nat_mm.checkpoint import FORMATS, convert_checkpoint_file
-from nat_mm.tools.cli import add_force, add_trust, run
+from nat_mm.tools.cli import add_force, add_sha256, add_trust, run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         'the NatBackbone / NatModel layout',
     )
     add_trust(parser)
+    add_sha256(parser)
     add_force(parser, 'an existing output file')
     return parser.parse_args(argv)
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     def convert() -> None:
         written, source_format, dropped = convert_checkpoint_file(
             args.source, args.destination, args.to, args.hf_prefix, args.force,
-            args.trust_checkpoint,
+            args.trust_checkpoint, args.sha256,
         )  # fmt: skip
         if dropped:
             print(f'dropped {len(dropped)} non-backbone keys of the {source_format} checkpoint')

@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from nat_mm.apis.inference import init_inferencer, list_images, paint_predictions
-from nat_mm.tools.cli import add_cfg_options, add_force, add_trust, run
+from nat_mm.tools.cli import add_cfg_options, add_force, add_sha256, add_trust, run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--limit', type=int, help='paint at most this many images')
     add_cfg_options(parser)
     add_trust(parser)
+    add_sha256(parser)
     add_force(parser, 'existing pictures')
     return parser.parse_args(argv)
 
@@ -41,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     def paint() -> None:
         images = list_images(args.input, args.limit)
         inferencer = init_inferencer(
-            args.config, args.checkpoint, args.device, args.cfg_options, args.trust_checkpoint
-        )
+            args.config, args.checkpoint, args.device, args.cfg_options, args.trust_checkpoint,
+            args.sha256,
+        )  # fmt: skip
         paint_predictions(
             inferencer, images, args.out_dir, args.score_thr, args.opacity, args.force
         )

@@ -17,7 +17,7 @@ import os
 import sys
 
 from nat_mm.apis.runners import build_test_runner, run_test
-from nat_mm.tools.cli import add_cfg_options, add_force, add_launcher, add_trust, run
+from nat_mm.tools.cli import add_cfg_options, add_force, add_launcher, add_sha256, add_trust, run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_cfg_options(parser)
     add_launcher(parser)
     add_trust(parser)
+    add_sha256(parser)
     add_force(parser, 'an existing --out / --metrics-json file')
     return parser.parse_args(argv)
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             args.config, args.checkpoint, work_dir=args.work_dir, out=args.out, show=args.show,
             show_dir=args.show_dir, wait_time=args.wait_time, tta=args.tta,
             cfg_options=args.cfg_options, launcher=args.launcher, trust=args.trust_checkpoint,
-            force=args.force, metrics_json=args.metrics_json,
+            force=args.force, metrics_json=args.metrics_json, sha256=args.sha256,
         )  # fmt: skip
         run_test(runner, args.metrics_json)
 
