@@ -1,6 +1,7 @@
 # The two commands of the README, and a few for developers.
 #   make demo   set up, then run the main job on the embedded default data
 #   make test   set up, then run the test suite (slow tests: make test-slow)
+#   make lint   ruff (lint + format) and shellcheck
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
@@ -22,6 +23,7 @@ test-slow: setup
 lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	.venv/bin/shellcheck tools/*.sh .ci/run
 
 format: setup
 	.venv/bin/ruff format .

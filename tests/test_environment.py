@@ -1,13 +1,10 @@
-"""The installed stack works: compiled mmcv ops, mmdet / mmseg, config inheritance, resume."""
+"""The installed stack works: compiled mmcv ops, mmdet / mmseg, config inheritance (resuming
+mmengine runs on current torch: tests/test_engine_checkpoints.py)."""
 
 import importlib.util
-import pickle
 from pathlib import Path
 
-import pytest
 import torch
-from packaging.version import Version
-from torch import nn
 
 
 def test_nat_mm_and_hosts_import():
@@ -66,74 +63,3 @@ def test_mmseg_stray_tests_package_is_gone():
     spec = importlib.util.find_spec('tests')
     site = Path(torch.__file__).parents[1]
     assert spec is None or site not in Path(spec.origin or '').parents
-
-
-class _ToyModel(nn.Module):
-    """The smallest model an mmengine Runner accepts (mode='loss' / 'predict')."""
-
-    def __init__(self):
-        super().__init__()
-        self.linear = nn.Linear(2, 1)
-        self.data_preprocessor = nn.Identity()
-
-    def forward(self, inputs, labels, mode='tensor'):
-        out = self.linear(inputs)
-        if mode == 'loss':
-            return {'loss': ((out.squeeze(-1) - labels) ** 2).mean()}
-        return out
-
-    def train_step(self, data, optim_wrapper):
-        losses = self(**data, mode='loss')
-        optim_wrapper.update_params(losses['loss'])
-        return {'loss': losses['loss'].detach()}
-
-
-class _ToyDataset(torch.utils.data.Dataset):
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, i):
-        x = torch.tensor([float(i), 1.0])
-        return {'inputs': x, 'labels': x.sum()}
-
-
-def _runner(work_dir, max_iters, resume):
-    from nat_mm.engine import SafeLoadRunner
-
-    return SafeLoadRunner(
-        model=_ToyModel(),
-        work_dir=str(work_dir),
-        train_dataloader=dict(
-            dataset=_ToyDataset(),
-            sampler=dict(type='DefaultSampler', shuffle=False),
-            batch_size=2,
-            collate_fn=dict(type='default_collate'),
-        ),
-        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01, momentum=0.9)),
-        train_cfg=dict(by_epoch=False, max_iters=max_iters),
-        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=2, by_epoch=False)),
-        resume=resume,
-        default_scope='mmengine',
-    )
-
-
-def test_runner_checkpoint_resumes_on_current_torch(tmp_path):
-    runner = _runner(tmp_path, max_iters=4, resume=False)
-    runner.train()
-    ckpt = tmp_path / 'iter_4.pth'
-    assert ckpt.is_file()
-    # The checkpoint holds the message hub's HistoryBuffers: torch's weights-only default refuses
-    # it, which is exactly what broke mmengine 0.10.7's resume on torch >= 2.6. SafeLoadRunner
-    # reads it with nat_mm's restricted unpickler instead.
-    if Version(torch.__version__) >= Version('2.6'):
-        with pytest.raises(pickle.UnpicklingError):
-            torch.load(ckpt)
-
-    resumed = _runner(tmp_path, max_iters=6, resume=True)
-    resumed.train()
-    assert resumed.iter == 6
-    from nat_mm.checkpoint import load_checkpoint
-
-    state = load_checkpoint(tmp_path / 'iter_6.pth')
-    assert state['meta']['iter'] == 6
-    assert 'message_hub' in state

@@ -119,7 +119,7 @@ fi
 
 # --- 5. the OpenMMLab libraries, dev tools and nat_mm itself -----------------------------------
 log "installing mmdet, mmsegmentation, pycocotools, dev tools and nat_mm (editable)"
-"${PIP[@]}" install --quiet --no-build-isolation -e "$ROOT[openmmlab,dev]"
+"${PIP[@]}" install --quiet --no-build-isolation -e "${ROOT}[openmmlab,dev]"
 
 # panopticapi (mmdet's COCO panoptic loading and PQ metric) is git-only upstream; panopticapi-lite
 # ships the same module. --no-deps: its metadata pins numpy<2, which the code itself does not need.

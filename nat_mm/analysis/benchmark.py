@@ -2,8 +2,10 @@
 
 Subjects and their peers:
 
-- a bare backbone preset (``nat-tiny``, any NAT / DiNAT preset): vs mmdet's SwinTransformer-T
-  (embed 96, depths 2-2-6-2, window 7);
+- a bare backbone preset (``nat-tiny``, any NAT / DiNAT preset): vs Swin-T (embed 96, depths
+  2-2-6-2, window 7): mmdet's SwinTransformer, else mmseg's, else timm's
+  ``swin_tiny_patch4_window7_224`` (features only, built for the input size), whichever is
+  installed first (the GPU machine has only timm);
 - a detection config: the full model vs Mask R-CNN Swin-T
   (``mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py``);
 - a segmentation config: the full model vs UPerNet Swin-T
@@ -33,6 +35,7 @@ import time
 import torch
 
 from nat_mm.errors import NatMMError
+from nat_mm.fileio import atomic_write_bytes, check_can_write
 
 PEER_CONFIGS = {
     'mmdet': 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py',
@@ -51,14 +54,28 @@ RESULT_MARK = 'BENCHMARK_RESULT '
 # ----------------------------------------------------------------------------- building models
 
 
-def _build_backbone(name: str, attn_backend: str | None) -> torch.nn.Module:
-    """A NAT/DiNAT preset ('nat-tiny') or 'swin-tiny' (mmdet's, else mmseg's SwinTransformer)."""
-    if name == 'swin-tiny':
+def swin_tiny(shape: tuple[int, int]) -> tuple[torch.nn.Module, str]:
+    """Swin-T from the first library installed: mmdet, mmseg, timm. Returns it and its origin."""
+    for library in ('mmdet', 'mmseg'):
         try:
-            from mmdet.models.backbones import SwinTransformer
+            module = __import__(f'{library}.models.backbones', fromlist=['SwinTransformer'])
         except ImportError:
-            from mmseg.models.backbones import SwinTransformer
-        return SwinTransformer(**SWIN_TINY)
+            continue
+        return module.SwinTransformer(**SWIN_TINY), library
+    try:
+        import timm
+    except ImportError as error:
+        raise NatMMError('Swin-T needs mmdet, mmseg or timm installed', 'swin-tiny') from error
+    model = timm.create_model(
+        'swin_tiny_patch4_window7_224', pretrained=False, features_only=True, img_size=shape
+    )
+    return model, 'timm'
+
+
+def _build_backbone(name: str, attn_backend: str | None, shape: tuple[int, int]) -> torch.nn.Module:
+    """A NAT/DiNAT preset ('nat-tiny') or 'swin-tiny' (:func:`swin_tiny`)."""
+    if name == 'swin-tiny':
+        return swin_tiny(tuple(shape))[0]
     from nat_mm.apis.config import build_backbone
 
     return build_backbone(name, attn_backend=attn_backend)
@@ -114,7 +131,7 @@ def _step_function(spec: dict, device: torch.device, train: bool):
     """Builds the model of ``spec``; returns it and a function doing one step."""
     height, width = spec['shape']
     if spec['kind'] == 'backbone':
-        model = _build_backbone(spec['model'], spec['attn_backend']).to(device)
+        model = _build_backbone(spec['model'], spec['attn_backend'], spec['shape']).to(device)
         images = torch.randn(spec['batch'], 3, height, width, device=device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -234,8 +251,10 @@ def benchmark(
     threads: int | None = None,
     peer: bool = True,
     profile: bool = False,
+    json_path: str | None = None,
 ) -> list[dict]:
-    """Measures the subject (and its Swin-T peer); prints a table with ratios and returns the rows.
+    """Measures the subject (and its Swin-T peer); prints a table with ratios and returns the rows
+    (also written to ``json_path`` with the settings and the machine's GEMM rate, when given).
 
     Raises:
         NatMMError: Bad arguments (checked before anything runs) or a failed measurement.
@@ -253,12 +272,14 @@ def benchmark(
         raise NatMMError(f'expected one of {DTYPES}, got {dtype!r}', '--dtype')
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise NatMMError('no CUDA device is available', f'--device {device}')
+    if json_path is not None:
+        check_can_write(json_path, True, '--json')
     kind = 'backbone' if backbone else 'config'
     subject = backbone or config
     models = [(subject, f'{subject} backbone (nat_mm)' if backbone else subject)]
     if peer:
         if backbone:
-            models.append(('swin-tiny', 'Swin-T backbone (mmdet)'))
+            models.append(('swin-tiny', f'Swin-T backbone ({swin_tiny(tuple(shape))[1]})'))
         else:
             from nat_mm.apis.config import library_of, load_config
 
@@ -288,6 +309,13 @@ def benchmark(
     if kind == 'backbone':
         _add_achieved_rates(rows, shape, batch, rate)
     print(format_table(rows, _ratios(rows, modes) if peer else []), flush=True)
+    if json_path is not None:
+        settings = dict(subject=subject, shape=list(shape), batch=batch, device=device, dtype=dtype,
+                        threads=threads, iters=iters, gemm_gflops=rate)  # fmt: skip
+        rows_out = [{k: v for k, v in row.items() if k != 'profile'} for row in rows]
+        atomic_write_bytes(
+            json.dumps({'settings': settings, 'rows': rows_out}, indent=2).encode(), json_path
+        )
     return rows
 
 
@@ -296,7 +324,7 @@ def _add_achieved_rates(rows: list[dict], shape: tuple[int, int], batch: int, ra
     from mmengine.analysis import FlopAnalyzer
 
     for row in rows:
-        model = _build_backbone(row['model'], None).eval()
+        model = _build_backbone(row['model'], None, shape).eval()
         with torch.no_grad():
             analyzer = FlopAnalyzer(model, (torch.rand(1, 3, *shape),))
             analyzer.unsupported_ops_warnings(False)

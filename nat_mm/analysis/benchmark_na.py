@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from nat_mm.errors import NatMMError
+from nat_mm.fileio import atomic_write_bytes
 from nat_mm.ops import available_backends, na2d
 from nat_mm.ops.reference import na2d_reference, random_inputs
 
@@ -200,6 +201,7 @@ class NABenchmarkSettings:
     threads: int = 1
     methods: tuple[str, ...] = ()  # a subset of the backends, 'oracle', 'window'; () = default
     oracle_max_tokens: int = 20000
+    json_path: str | None = None  # also write the rows and the GEMM rate here
 
 
 def _memory_child(settings: NABenchmarkSettings, layer: int, names: list[str]) -> dict:
@@ -315,6 +317,10 @@ def benchmark_na(settings: NABenchmarkSettings) -> list[dict]:
             )
             label = ''
         sys.stdout.flush()
+    if settings.json_path is not None:
+        report = {'settings': asdict(settings), 'gemm_gflops': rate, 'torch': torch.__version__,
+                  'rows': rows}  # fmt: skip
+        atomic_write_bytes(json.dumps(report, indent=2).encode(), settings.json_path)
     return rows
 
 

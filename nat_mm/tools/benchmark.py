@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--threads', type=int, help='torch intra-op threads (default: torch)')
     parser.add_argument('--no-peer', action='store_true', help='measure the subject only')
     parser.add_argument('--profile', action='store_true', help='print where the time goes')
+    parser.add_argument('--json', help='also write the rows as JSON to this file')
     return parser.parse_args(argv)
 
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     return run(lambda: benchmark(
         args.config, args.backbone, tuple(args.shape), args.batch, args.device, args.dtype,
         args.warmup, args.iters, tuple(args.modes), args.attn_backend, args.threads,
-        not args.no_peer, args.profile,
+        not args.no_peer, args.profile, args.json,
     ))  # fmt: skip
 
 

@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=defaults.oracle_max_tokens,
         help='skip the gather oracle above this many tokens per image (its memory is K*K x k, v)',
     )
+    parser.add_argument('--json', help='also write the rows as JSON to this file')
     return parser.parse_args(argv)
 
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device, dtype=args.dtype, repeats=args.repeats,
         stages=tuple(int(s) for s in _names(args.stages)), batch=args.batch,
         threads=args.threads, methods=_names(args.methods),
-        oracle_max_tokens=args.oracle_max_tokens,
+        oracle_max_tokens=args.oracle_max_tokens, json_path=args.json,
     )))  # fmt: skip
 
 
