@@ -7,7 +7,7 @@ import torch
 
 import nat_mm.ops as ops
 from nat_mm.ops import na2d
-from nat_mm.ops.backends import BACKENDS, cpu_na
+from nat_mm.ops.backends import BACKENDS, check_backend, cpu_na
 
 # The automatic choice for float32 on CPU: the compiled kernel where it builds, else torch.
 AUTO_ON_CPU = 'cpu' if cpu_na.unavailable_reason() is None else 'torch'
@@ -121,4 +121,54 @@ def test_automatic_choice_is_logged_once(caplog: pytest.LogCaptureFixture) -> No
         na2d(q, k, v, 3)
     finally:
         functional.print_log = original
-    assert messages == [f"na2d: using backend '{AUTO_ON_CPU}' on cpu"]
+    # One message; where the kernel cannot be built it ends with "(skipped cpu: <why>)".
+    assert len(messages) == 1
+    assert messages[0].startswith(f"na2d: using backend '{AUTO_ON_CPU}' on cpu")
+
+
+EMPTY_BACKENDS = [
+    None,
+    'torch',
+    pytest.param(
+        'cpu',
+        marks=pytest.mark.skipif(
+            cpu_na.unavailable_reason() is not None,
+            reason=f'compiled CPU kernel unavailable: {cpu_na.unavailable_reason()}',
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize('backend', EMPTY_BACKENDS)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_empty_batch_forward_and_backward(backend: str | None, dtype: torch.dtype) -> None:
+    q, k, v = (x.requires_grad_() for x in _qkv((0, 9, 10, 2, 4), dtype))
+    rpb = torch.randn(2, 5, 5, dtype=dtype, requires_grad=True)
+    out = na2d(q, k, v, 3, (2, 3), rpb=rpb, backend=backend)
+    assert out.shape == q.shape and out.dtype == dtype and out.requires_grad
+    grads = torch.autograd.grad(out.sum(), (q, k, v, rpb))
+    for grad, tensor in zip(grads, (q, k, v, rpb), strict=True):
+        assert grad.shape == tensor.shape and grad.dtype == dtype
+    assert torch.equal(grads[3], torch.zeros_like(rpb))
+    assert ops.last_backend() == (backend or AUTO_ON_CPU)
+
+
+@pytest.mark.parametrize('backend', ['natten', 'flex', 'cpu', 'torch'])
+def test_empty_batch_without_grad_on_every_backend(backend: str) -> None:
+    """Nothing to compute: even backends that need a compile or a package return at once."""
+    q, k, v = _qkv((0, 9, 10, 2, 8))
+    with torch.no_grad():
+        reason = check_backend(backend, q, k, v, (3, 3), (1, 1), None)
+        if reason is not None:
+            pytest.skip(f'{backend} cannot run here: {reason}')
+        out = na2d(q, k, v, 3, backend=backend)
+    assert out.shape == q.shape and out.dtype == q.dtype
+
+
+def test_empty_heads_and_bf16() -> None:
+    q, k, v = (x.requires_grad_() for x in _qkv((2, 9, 10, 0, 4), torch.bfloat16))
+    rpb = torch.zeros(0, 5, 5, requires_grad=True)  # float32 table, as under autocast
+    out = na2d(q, k, v, 3, rpb=rpb)
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    out.sum().backward()
+    assert q.grad.shape == q.shape and rpb.grad.shape == rpb.shape

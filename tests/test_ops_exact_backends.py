@@ -6,6 +6,7 @@ its tests skip with the reason.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 
@@ -36,7 +37,13 @@ CASES = [
     (29, 26, 13, 2),  # H > K * d, W == K * d
 ]
 
-TOLERANCES = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (3e-2, 3e-2)}
+# (atol, rtol) against the float64 oracle; gradients get twice these. float16 errors measured
+# up to 2.8e-3 (relative to 1 + |ref|) on CASES: bf16's 8-bit mantissa would not pass.
+TOLERANCES = {
+    torch.float32: (2e-5, 1e-4),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
 
 CPU_KERNEL = pytest.param(
     'cpu',
@@ -104,6 +111,12 @@ def test_matches_oracle_fp32(case: tuple, with_rpb: bool, backend: str) -> None:
 def test_matches_oracle_bf16(case: tuple) -> None:
     # bf16 runs on the torch backend only (the compiled kernel takes float32 / float64).
     _run_case(*case, with_rpb=True, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize('case', CASES, ids=str)
+def test_matches_oracle_fp16(case: tuple) -> None:
+    # The AMP configs train in fp16: the torch backend runs it natively on CPU too.
+    _run_case(*case, with_rpb=True, dtype=torch.float16)
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
@@ -194,3 +207,38 @@ def test_no_grad_path_matches_oracle(backend: str) -> None:
     ref = na2d_reference(q.double(), k.double(), v.double(), 5, (3, 2), rpb.double())
     assert not out.requires_grad
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ('height', 'width', 'kernel_size', 'dilation'),
+    [(5, 7, 3, 1), (7, 6, 3, 2), (6, 9, (3, 3), (2, 3))],
+)
+def test_double_backward_torch_gradgradcheck(
+    height: int, width: int, kernel_size, dilation
+) -> None:
+    """create_graph=True on the torch backend: second derivatives are exact (float64)."""
+    q, k, v, rpb = random_inputs((1, height, width, 2, 3), _pair(kernel_size), True, torch.float64)
+    inputs = tuple(x.requires_grad_() for x in (q, k, v, rpb))
+
+    def function(q, k, v, rpb):
+        return na2d(q, k, v, kernel_size, dilation, rpb=rpb, backend='torch')
+
+    assert torch.autograd.gradgradcheck(function, inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize('dilation', [(2, 1), 1])
+@pytest.mark.parametrize('shared_qkv', [False, True], ids=['q_k_v', 'x_x_x'])
+def test_double_backward_torch_matches_oracle(dilation, shared_qkv: bool) -> None:
+    """Gradient of a gradient norm (as in gradient penalties) equals the oracle's."""
+    q, k, v, rpb = random_inputs((2, 11, 9, 2, 4), (5, 3), True, torch.float64)
+    results = []
+    for function in (na2d_reference, functools.partial(na2d, backend='torch')):
+        # x_x_x: one tensor as q, k and v (each use must still get its own gradient).
+        inputs = [x.clone().requires_grad_() for x in ((q, rpb) if shared_qkv else (q, k, v, rpb))]
+        args = [inputs[0]] * 3 + inputs[1:] if shared_qkv else inputs
+        out = function(*args[:3], (5, 3), dilation, args[3])
+        grads = torch.autograd.grad(out.sin().sum(), inputs, create_graph=True)
+        penalty = sum(grad.square().sum() for grad in grads)
+        results.append(torch.autograd.grad(penalty, inputs))
+    for grad, ref_grad in zip(*results, strict=True):
+        torch.testing.assert_close(grad, ref_grad, atol=1e-10, rtol=1e-8)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from mmengine.analysis import complexity_analysis, get_model_complexity_info
 
-from nat_mm.ops import na2d
+from nat_mm.ops import na2d, use_backend
 from nat_mm.ops.flops import OP_NAME, na2d_flop_count, register_flop_handles
 
 
@@ -61,3 +61,30 @@ def test_traced_gradients_match_eager() -> None:
     traced(x_traced).square().sum().backward()
     torch.testing.assert_close(x_traced.grad, x_eager.grad)
     torch.testing.assert_close(model.rpb.grad, rpb_grad)
+
+
+def test_traced_double_backward_matches_eager() -> None:
+    """create_graph=True through the traced node (torch backend): second derivatives flow."""
+    x = torch.randn(1, 8, 12, 2, 4, dtype=torch.float64)
+    model = OneNA(with_rpb=True).double()
+    torch.nn.init.normal_(model.rpb)
+    with use_backend('torch'):
+        traced = torch.jit.trace(model, (x,), check_trace=False)
+        results = []
+        for function in (model, traced):
+            inputs = x.clone().requires_grad_()
+            (grad,) = torch.autograd.grad(function(inputs).sin().sum(), inputs, create_graph=True)
+            results.append(torch.autograd.grad(grad.square().sum(), (inputs, model.rpb)))
+    for traced_grad, eager_grad in zip(results[1], results[0], strict=True):
+        assert traced_grad.abs().sum() > 0
+        torch.testing.assert_close(traced_grad, eager_grad)
+
+
+def test_op_name_follows_the_traced_function() -> None:
+    assert OP_NAME == 'prim::PythonOp.TracedNeighborhoodAttention2D'
+    x = torch.randn(1, 8, 12, 2, 4)
+    traced = torch.jit.trace(OneNA(with_rpb=False), (x,), check_trace=False)
+    names = [
+        node.pyname() for node in traced.inlined_graph.nodes() if node.kind() == 'prim::PythonOp'
+    ]
+    assert names == ['TracedNeighborhoodAttention2D']

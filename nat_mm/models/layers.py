@@ -89,8 +89,9 @@ class NeighborhoodAttention2D(nn.Module):
     """Multi-head 2-D (dilated) neighborhood attention with relative positional bias.
 
     Maps smaller than ``kernel_size * dilation`` are zero-padded on the right/bottom before ``qkv``
-    and cropped before ``proj``; padded tokens act as real keys (NATTEN 0.14 semantics, spec
-    section 3), so published checkpoints give the published numbers on any input size.
+    and cropped before ``proj``; padded tokens act as real keys (NATTEN 0.14 semantics,
+    docs/neighborhood-attention.md section 3), so published checkpoints give the published numbers
+    on any input size.
 
     Args:
         dim: Channels C.
@@ -101,7 +102,7 @@ class NeighborhoodAttention2D(nn.Module):
         qkv_bias: Bias in the ``qkv`` projection.
         qk_scale: Query scale; None means ``head_dim ** -0.5``.
         proj_drop: Dropout after ``proj``.
-        attn_backend: ``na2d`` backend name, or None for automatic choice.
+        attn_backend: ``na2d`` backend ('cpu', 'torch', 'flex', 'natten'), or None for automatic.
     """
 
     def __init__(

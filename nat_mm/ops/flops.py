@@ -1,17 +1,19 @@
 """FLOP (MAC) counting of na2d for mmengine's `get_model_complexity_info`.
 
-While `torch.jit.trace` runs, `na2d` goes through the autograd Function `NeighborhoodAttention2D`
-(`traced.py`), one node named `prim::PythonOp.NeighborhoodAttention2D` in mmengine's jit analysis.
-Its handle counts what NATTEN's fvcore handles counted (published NAT/DiNAT numbers are fvcore
-MACs): `B * heads * H * W * Kh * Kw * head_dim` for q.k plus the same for attn.v; the softmax and
-the RPB add are not counted.
+While `torch.jit.trace` runs, `na2d` goes through the autograd Function
+`TracedNeighborhoodAttention2D` (`traced.py`), one node named `OP_NAME` in mmengine's jit
+analysis. Its handle counts what NATTEN's fvcore handles counted (published NAT/DiNAT numbers are
+fvcore MACs, docs/neighborhood-attention.md section 5): `B * heads * H * W * Kh * Kw * head_dim`
+for q.k plus the same for attn.v; the softmax and the RPB add are not counted.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-OP_NAME = 'prim::PythonOp.NeighborhoodAttention2D'
+from .traced import TracedNeighborhoodAttention2D
+
+OP_NAME = f'prim::PythonOp.{TracedNeighborhoodAttention2D.__name__}'
 
 
 def na2d_flop_count(query_shape: tuple[int, ...], kernel_size: tuple[int, int] | int) -> int:
@@ -30,7 +32,7 @@ def na2d_flop_count(query_shape: tuple[int, ...], kernel_size: tuple[int, int] |
 
 
 def na2d_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
-    """mmengine/fvcore jit handle for `prim::PythonOp.NeighborhoodAttention2D`.
+    """mmengine/fvcore jit handle for `OP_NAME`, the traced na2d.
 
     Args:
         inputs: The node's input values (q, k, v, [rpb]).

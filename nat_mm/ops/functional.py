@@ -1,8 +1,7 @@
 """`na2d`: exact 2-D (dilated) neighborhood attention with pluggable backends.
 
-Semantics: NATTEN 0.14 (`/work/shared/design/neighborhood-attention.md`, sections 1-2):
-windows shift inward at borders, dilation = independent sub-lattices, RPB index
-`(key - query) // d + K - 1`.
+Semantics: NATTEN 0.14, as docs/neighborhood-attention.md sections 1-2 state them: windows shift
+inward at borders, dilation = independent sub-lattices, RPB index `(key - query) // d + K - 1`.
 """
 
 from __future__ import annotations
@@ -15,12 +14,15 @@ from collections.abc import Iterator
 import torch
 from mmengine.logging import print_log
 
-from .backends import BACKENDS, backend_names, check_backend, choose_backend
-from .traced import NeighborhoodAttention2D
+from .backends import BACKENDS, backend_names, capable_backends, check_backend
+from .traced import TracedNeighborhoodAttention2D
 
 _default_backend: str | None = None
 _last_backend: str | None = None
 _logged_choices: set[tuple[str, str, tuple[tuple[str, str], ...]]] = set()
+# Automatically chosen backends whose forward raised, per configuration (see `_configuration`):
+# the reason. Later calls of that configuration skip them without retrying.
+_failed: dict[tuple[object, ...], str] = {}
 
 
 def na2d(
@@ -36,7 +38,17 @@ def na2d(
     """2-D neighborhood attention: each query attends its Kh x Kw (dilated) window.
 
     q is multiplied by `scale`, then `q . k` plus the RPB gives the logits, softmax runs over the
-    window, and the weights average v. The caller pads maps smaller than `kernel_size * dilation`.
+    window, and the weights average v (docs/neighborhood-attention.md sections 1-2). The caller
+    pads maps smaller than `kernel_size * dilation` (section 3). Empty inputs (B = 0) give an
+    empty output whose backward gives empty gradients to q, k, v and zeros to rpb.
+
+    Automatic choice: the best capable backend in the device's priority order (README.md's
+    backend table). If its forward raises (a compile error of inductor / triton, a head_dim the
+    GPU's kernels do not take, ...), na2d logs the reason once as a WARNING, remembers the failure
+    for that configuration (backend, device type, dtype, head_dim, RPB or not, gradients or not)
+    and runs the next capable backend, now and on later calls. Out-of-memory errors are raised
+    instead: they depend on the size, not on the configuration. An error in a backward cannot be
+    caught at forward time: it is raised. A forced backend never falls back.
 
     Args:
         q, k, v: [B, H, W, heads, head_dim], same dtype and device.
@@ -45,7 +57,8 @@ def na2d(
         rpb: Relative positional bias [heads, 2Kh-1, 2Kw-1], or None.
         scale: Logit scale; default head_dim ** -0.5.
         backend: None picks the best capable backend (see `set_default_backend`, `use_backend`);
-            'torch', 'flex' or 'natten' forces one and raises if it cannot run.
+            one of 'natten', 'flex', 'cpu' or 'torch' (`nat_mm.ops.backends.backend_names()`)
+            forces it and raises if it cannot run.
 
     Returns:
         [B, H, W, heads, head_dim], dtype of q.
@@ -57,19 +70,111 @@ def na2d(
     global _last_backend
     kernel, dil = _check_inputs(q, k, v, kernel_size, dilation, rpb)
     scale = _check_scale(scale, q.shape[-1])
-    name = backend if backend is not None else _default_backend
-    if name is None:
-        name, skipped = choose_backend(q, k, v, kernel, dil, rpb)
-        _log_choice(name, q, skipped)
-    else:
-        _check_backend_name(name, 'backend')
-        reason = check_backend(name, q, k, v, kernel, dil, rpb)
+    forced = backend if backend is not None else _default_backend
+    configuration = _configuration(q, k, v, rpb)
+    if forced is not None:
+        _check_backend_name(forced, 'backend')
+        reason = check_backend(forced, q, k, v, kernel, dil, rpb)
         if reason is not None:
-            raise RuntimeError(f'na2d backend {name!r} cannot run these inputs: {reason}')
-    _last_backend = name
+            raise RuntimeError(f'na2d backend {forced!r} cannot run these inputs: {reason}')
+        names, skipped = [forced], {}
+    else:
+        names, skipped = _automatic_candidates(q, k, v, kernel, dil, rpb, configuration)
+    if q.numel() == 0:
+        _last_backend = names[0]
+        return _empty_output(q, k, v, rpb)
+    for position, name in enumerate(names[:-1]):
+        try:
+            out = _run(name, q, k, v, kernel, dil, rpb, scale)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:
+            skipped[name] = _remember_failure(name, names[position + 1], configuration, error)
+            continue
+        _chosen(name, q, skipped)
+        return out
+    # The last capable backend, or the forced one: its errors propagate.
+    out = _run(names[-1], q, k, v, kernel, dil, rpb, scale)
+    if forced is None:
+        _chosen(names[-1], q, skipped)
+    else:
+        _last_backend = forced
+    return out
+
+
+def _run(
+    name: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel: tuple[int, int],
+    dil: tuple[int, int],
+    rpb: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
     if torch.jit.is_tracing():
-        return NeighborhoodAttention2D.apply(q, k, v, rpb, kernel, dil, scale, name)
+        return TracedNeighborhoodAttention2D.apply(q, k, v, rpb, kernel, dil, scale, name)
     return BACKENDS[name].forward(q, k, v, kernel, dil, rpb, scale)
+
+
+def _automatic_candidates(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel: tuple[int, int],
+    dil: tuple[int, int],
+    rpb: torch.Tensor | None,
+    configuration: tuple[object, ...],
+) -> tuple[list[str], dict[str, str]]:
+    """Capable backends minus those that failed before for this configuration, best first."""
+    capable, skipped = capable_backends(q, k, v, kernel, dil, rpb)
+    names = []
+    for name in capable:
+        reason = _failed.get((name, *configuration))
+        if reason is None:
+            names.append(name)
+        else:
+            skipped[name] = reason
+    if not names:
+        raise RuntimeError(f'No neighborhood-attention backend can run these inputs: {skipped}')
+    return names, skipped
+
+
+def _configuration(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None
+) -> tuple[object, ...]:
+    """What a backend's failure is remembered for: what decides which kernel it compiles."""
+    tensors = (q, k, v) if rpb is None else (q, k, v, rpb)
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+    return q.device.type, q.dtype, q.shape[-1], rpb is not None, needs_grad
+
+
+def _remember_failure(
+    name: str, next_name: str, configuration: tuple[object, ...], error: Exception
+) -> str:
+    """Record that backend `name` raised for this configuration, log it; return the reason."""
+    lines = str(error).strip().splitlines()
+    error_text = f'{type(error).__name__}: {lines[0][:300] if lines else ""}'
+    reason = _failed[(name, *configuration)] = f'raised {error_text}'
+    device, dtype, head_dim, has_rpb, needs_grad = configuration
+    print_log(
+        f'na2d: backend {name!r} raised on {device} ({dtype}, head_dim={head_dim}, '
+        f'rpb={has_rpb}, grad={needs_grad}): {error_text}; using {next_name!r} for this '
+        'configuration from now on',
+        logger='current',
+        level=logging.WARNING,
+    )
+    return reason
+
+
+def _empty_output(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rpb: torch.Tensor | None
+) -> torch.Tensor:
+    """The (empty) output of empty inputs, inside the autograd graph of q, k, v and rpb."""
+    out = (q + k + v) * 0
+    if rpb is not None:
+        out = out + rpb.to(q.dtype).sum() * 0
+    return out
 
 
 def available_backends() -> list[str]:
@@ -106,7 +211,10 @@ def _check_backend_name(name: object, argument: str) -> None:
         raise ValueError(f'{argument} must be one of {backend_names()} or None, got {name!r}')
 
 
-def _log_choice(name: str, q: torch.Tensor, skipped: dict[str, str]) -> None:
+def _chosen(name: str, q: torch.Tensor, skipped: dict[str, str]) -> None:
+    """Record the automatic choice `name` as the last backend; log it once per situation."""
+    global _last_backend
+    _last_backend = name
     key = (name, q.device.type, tuple(sorted(skipped.items())))
     if key in _logged_choices:
         return

@@ -1,10 +1,11 @@
-"""Reference 2-D (dilated) neighborhood attention by explicit gather, straight from the spec.
+"""Reference 2-D (dilated) neighborhood attention: an explicit gather, straight from the docs.
 
 Follows docs/neighborhood-attention.md sections 1-2 (NATTEN 0.14 semantics) with no tiling or
 other cleverness, so that it is obviously correct: the oracle every backend is tested against.
 It gathers the K*K window of every query (K*K times the memory of k and v): use it on small
-inputs only. Works in any float dtype (float64 for gradient checks) and gives gradients through
-plain autograd.
+inputs, or on chunks of query rows (`query_rows`; the `torch` backend does so for non-finite
+inputs). Works in any float dtype (float64 for gradient checks) and gives gradients, of any order,
+through plain autograd.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def na2d_reference(
     dilation: int | tuple[int, int] = 1,
     rpb: torch.Tensor | None = None,
     scale: float | None = None,
+    *,
+    query_rows: slice | None = None,
 ) -> torch.Tensor:
     """Reference neighborhood attention.
 
@@ -57,9 +60,11 @@ def na2d_reference(
         dilation: d or (dh, dw).
         rpb: [heads, 2Kh-1, 2Kw-1] or None.
         scale: Logit scale; default head_dim ** -0.5.
+        query_rows: Only these query rows (a slice with step 1); their windows still come from
+            the whole map. Lets a caller bound the gather's memory by running rows in chunks.
 
     Returns:
-        [B, H, W, heads, head_dim], same dtype as q.
+        [B, H, W, heads, head_dim] (H = the rows of `query_rows` if given), same dtype as q.
     """
     kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
     dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
@@ -67,6 +72,8 @@ def na2d_reference(
     scale = head_dim**-0.5 if scale is None else scale
     rows, rows_rpb = window_indices(height, kh, dh)
     cols, cols_rpb = window_indices(width, kw, dw)
+    if query_rows is not None:
+        q, rows, rows_rpb = q[:, query_rows], rows[query_rows], rows_rpb[query_rows]
     rows, rows_rpb = rows.to(q.device), rows_rpb.to(q.device)
     cols, cols_rpb = cols.to(q.device), cols_rpb.to(q.device)
     # [B, H, W, Kh, Kw, heads, head_dim]: the window of every query.

@@ -1,8 +1,10 @@
 """One-node autograd wrapper so that `torch.jit.trace` (FLOP counting) sees na2d as one op.
 
 Traced, a `torch.autograd.Function` becomes `prim::PythonOp` with `pyname()` equal to the class
-name; mmengine's `jit_analysis` names it `prim::PythonOp.NeighborhoodAttention2D`, the key used by
-`nat_mm/ops/flops.py`.
+name: mmengine's `jit_analysis` names it `prim::PythonOp.TracedNeighborhoodAttention2D`, the key
+of the handle in `nat_mm/ops/flops.py`. The Function is named apart from the nn.Module
+`nat_mm.models.layers.NeighborhoodAttention2D` (whose name configs and checkpoints keep) so
+that the two are not confused.
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ import torch
 from .backends import BACKENDS
 
 
-class NeighborhoodAttention2D(torch.autograd.Function):
-    """na2d as a single autograd node; the backward recomputes the forward under autograd."""
+class TracedNeighborhoodAttention2D(torch.autograd.Function):
+    """na2d as a single autograd node; the backward recomputes the forward under autograd.
+
+    With `create_graph=True` the recomputation starts from the saved inputs themselves, so the
+    gradients are differentiable again if the backend's are.
+    """
 
     @staticmethod
     def forward(
@@ -36,13 +42,27 @@ class NeighborhoodAttention2D(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         kernel_size, dilation, scale, backend = ctx.options
-        saved = ctx.saved_tensors
-        inputs = [
-            t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in saved
+        create_graph = torch.is_grad_enabled()
+        inputs = [_separate(t, create_graph) for t in ctx.saved_tensors]
+        needed = [
+            t is not None and need for t, need in zip(inputs, ctx.needs_input_grad[:4], strict=True)
         ]
         with torch.enable_grad():
             out = BACKENDS[backend].forward(*inputs[:3], kernel_size, dilation, inputs[3], scale)
-        needs = [t for t in inputs if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(out, needs, grad_out, allow_unused=True) if needs else ())
-        result = [next(grads) if t is not None and t.requires_grad else None for t in inputs]
+        wanted = [t for t, need in zip(inputs, needed, strict=True) if need]
+        grads = iter(
+            torch.autograd.grad(out, wanted, grad_out, create_graph=create_graph) if wanted else ()
+        )
+        result = [next(grads) if need else None for need in needed]
         return (*result, None, None, None, None)
+
+
+def _separate(t: torch.Tensor | None, create_graph: bool) -> torch.Tensor | None:
+    """A tensor of its own for a saved input (q, k and v may be one tensor: na2d(x, x, x)).
+
+    With create_graph a view, which keeps the graph back to the input (double backward), else a
+    detached copy.
+    """
+    if t is None:
+        return None
+    return t.view_as(t) if create_graph else t.detach().requires_grad_(t.requires_grad)

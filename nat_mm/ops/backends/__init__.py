@@ -19,9 +19,10 @@ BACKENDS: dict[str, ModuleType] = {
     module.NAME: module for module in (natten_na, flex_na, cpu_na, torch_na)
 }
 
-# Automatic choice, best first. On CUDA NATTEN's fused kernels (no RPB) beat Flex, which beats the
-# tiled torch path. On CPU the compiled kernel (float32 / float64) beats the tiled torch path;
-# NATTEN and Flex are forward-only or slower there (they can still be forced).
+# Automatic choice, best first (README.md's backend table). On CUDA NATTEN's fused kernels (no RPB,
+# docs/neighborhood-attention.md section 4) beat Flex, which beats the tiled torch path. On CPU the
+# compiled kernel beats the tiled torch path; NATTEN and Flex are forward-only or slower there
+# (they can still be forced). A backend whose forward raises is skipped (`nat_mm.ops.na2d`).
 AUTO_PRIORITY: dict[str, tuple[str, ...]] = {
     'cuda': ('natten', 'flex', 'torch'),
     'cpu': ('cpu', 'torch'),
@@ -51,26 +52,26 @@ def check_backend(
     return reason
 
 
-def choose_backend(
+def capable_backends(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     kernel_size: tuple[int, int],
     dilation: tuple[int, int],
     rpb: torch.Tensor | None,
-) -> tuple[str, dict[str, str]]:
-    """Pick the best capable backend for these inputs.
+) -> tuple[list[str], dict[str, str]]:
+    """The backends of the automatic choice that can run these inputs, best first.
 
     Returns:
-        The chosen name and, for every better backend that was skipped, the reason.
-
-    Raises:
-        RuntimeError: If no backend can run (never for validated inputs: torch runs everything).
+        The capable names in priority order (never empty for validated inputs: torch runs
+        everything) and, for every other backend of the device's priority list, the reason.
     """
+    capable: list[str] = []
     skipped: dict[str, str] = {}
     for name in AUTO_PRIORITY.get(q.device.type, FALLBACK_PRIORITY):
         reason = check_backend(name, q, k, v, kernel_size, dilation, rpb)
         if reason is None:
-            return name, skipped
-        skipped[name] = reason
-    raise RuntimeError(f'No neighborhood-attention backend can run these inputs: {skipped}')
+            capable.append(name)
+        else:
+            skipped[name] = reason
+    return capable, skipped

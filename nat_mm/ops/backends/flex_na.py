@@ -7,7 +7,9 @@ as queries. The RPB is a `score_mod` reading the table captured as a tensor.
 
 Sizes change every iteration in detection, so:
 - `flex_attention` is compiled once with `dynamic=True`, and the map geometry reaches `mask_mod`
-  and `score_mod` as tensors, not Python ints: a new size does not recompile.
+  and `score_mod` as tensors, not Python ints: a new size does not recompile (tests/test_ops_cuda.py
+  counts). Dynamo still specializes a size of 1 and, until it sees them differ, sizes that are
+  equal (e.g. 2 tiles and batch 2): such a size costs one more compile, once.
 - BlockMasks are cached per (H, W, Kh, Kw, device) (LRU, MASK_CACHE_SIZE entries): a size that
   recurs (fixed-size test or inference, the few scales of a multi-scale schedule) reuses its mask;
   a new size pays one `create_block_mask` (compiled on CUDA).
@@ -28,6 +30,7 @@ NAME = 'flex'
 TILE_ROWS, TILE_COLS = 8, 16  # 128 tokens: Flex's default block size
 MASK_CACHE_SIZE = 32
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_CUDA_HEAD_DIM = 16  # triton's tl.dot (torch/_inductor/kernel/flex/flex_attention.py)
 
 
 @functools.cache
@@ -69,6 +72,11 @@ def can_run(
             return 'FlexAttention has no backward on CPU; inputs require grad'
     elif q.device.type != 'cuda':
         return f'FlexAttention runs on cuda or cpu, got device {q.device}'
+    elif q.shape[-1] < MIN_CUDA_HEAD_DIM:
+        return (
+            f"FlexAttention's CUDA kernels need head_dim >= {MIN_CUDA_HEAD_DIM}, "
+            f'got head_dim={q.shape[-1]}'
+        )
     return None
 
 
@@ -106,6 +114,7 @@ def _token_position(index: torch.Tensor, geometry: torch.Tensor):
 
 
 def _window_start(position: torch.Tensor, length: torch.Tensor, kernel: torch.Tensor):
+    # Undilated: clamp(i - K // 2, 0, L - K) (docs/neighborhood-attention.md section 1).
     return torch.clamp(torch.minimum(position - kernel // 2, length - kernel), min=0)
 
 
@@ -153,7 +162,9 @@ def _to_tiles(x: torch.Tensor) -> torch.Tensor:
     x = F.pad(x, (0, 0, 0, 0, 0, pad_w, 0, pad_h))
     tiles_h, tiles_w = (height + pad_h) // TILE_ROWS, (width + pad_w) // TILE_COLS
     x = x.view(batch, tiles_h, TILE_ROWS, tiles_w, TILE_COLS, heads, head_dim)
-    return x.permute(0, 5, 1, 3, 2, 4, 6).reshape(batch, heads, -1, head_dim)
+    # Always contiguous: with one tile column the reshape would be a view with other strides, and
+    # compiled Flex guards on strides (one recompile when the map grows a second tile column).
+    return x.permute(0, 5, 1, 3, 2, 4, 6).reshape(batch, heads, -1, head_dim).contiguous()
 
 
 def _from_tiles(x: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Dilated neighborhood attention as plain attention on sub-lattices (shared by the backends).
 
 Dilation d on an axis of length L splits it into d independent sub-lattices `x[r::d]`
-(`/work/shared/design/neighborhood-attention.md`, section 1). Groups `r < rem` have `ceil(L / d)`
-elements, the others one fewer, where `rem = L - (ceil(L / d) - 1) * d`. So a 2-D map splits into at
-most four *classes* of equally-sized sub-lattices, each class batched into one tensor.
+(docs/neighborhood-attention.md section 1). Groups `r < rem` have `ceil(L / d)` elements, the
+others one fewer, where `rem = L - (ceil(L / d) - 1) * d`. So a 2-D map splits into at most four
+*classes* of equally-sized sub-lattices, each class batched into one tensor.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """NATTEN backend: `natten.na2d` (NATTEN >= 0.20, heads-last), for layers without RPB.
 
 NATTEN >= 0.20 dropped RPB and its CPU path is FlexAttention without backward (forward only);
-its fused CUDA kernels need `natten.HAS_LIBNATTEN`. Windows, borders and dilation follow the
-same rules as NATTEN 0.14, so the results match the other backends.
+its fused CUDA kernels need `natten.HAS_LIBNATTEN` (docs/neighborhood-attention.md section 4).
+Windows, borders and dilation follow the same rules as NATTEN 0.14 (section 1), so the results
+match the other backends.
 """
 
 from __future__ import annotations

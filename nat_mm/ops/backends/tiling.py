@@ -2,10 +2,10 @@
 
 Each axis of length L is cut into tiles of T queries. All windows of a tile lie inside one key
 block of `Bk = min(T + K - 1, L)` keys (windows shift inward at borders, so the block is clamped
-into the axis too). Attention of a tile over its block, with -inf outside each query's window and
-the RPB added inside it, is exactly neighborhood attention. Tiles whose (mask, RPB index) pattern
-is identical form a *class*: all interior tiles share one, only border tiles differ, so the bias
-is stored per class pair, never per tile.
+into the axis too; docs/neighborhood-attention.md section 1). Attention of a tile over its block,
+with -inf outside each query's window and the RPB added inside it, is exactly neighborhood
+attention. Tiles whose (mask, RPB index) pattern is identical form a *class*: all interior tiles
+share one, only border tiles differ, so the bias is stored per class pair, never per tile.
 """
 
 from __future__ import annotations

@@ -4,6 +4,12 @@ Undilated attention runs on query tiles with haloed key blocks (`tiling.py`); di
 running it on every sub-lattice (`lattice.py`). `TiledAttention` walks the tiles in chunks of
 tile rows with a hand-written backward that recomputes each chunk's probabilities, so neither
 the K*K gather of the oracle nor the full tile logits are ever held in memory.
+
+A tile computes logits for keys outside each query's window and masks them, so one NaN / inf key
+or value would reach every query of its tiles (`-inf + nan`, `0 * nan`). Inputs that are not all
+finite therefore take the explicit per-query gather of `nat_mm.ops.reference` instead (slow, K*K
+times the memory of k and v under autograd): each query then sees only its own window, as in
+docs/neighborhood-attention.md section 1. fp16 and bf16 run natively, on CPU too.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..reference import na2d_reference
 from .lattice import map_sub_lattices
 from .tiling import AxisTiling, axis_tiling, class_bias
 
@@ -62,11 +69,47 @@ def forward(
     Returns:
         [B, H, W, heads, head_dim].
     """
+    if not _all_finite(q, k, v, rpb):
+        return _gather_attention(q, k, v, kernel_size, dilation, rpb, scale)
 
     def attend(q_sub: torch.Tensor, k_sub: torch.Tensor, v_sub: torch.Tensor) -> torch.Tensor:
         return tiled_attention(q_sub, k_sub, v_sub, kernel_size, rpb, scale, DEFAULT_TILE)
 
     return map_sub_lattices(q, k, v, dilation, attend)
+
+
+# Gathered key (and value) elements per chunk of query rows on the non-finite path: bounds its
+# memory without autograd (with autograd every chunk's gather is kept for the backward).
+GATHER_ELEMENTS = 1 << 22
+
+
+def _all_finite(*tensors: torch.Tensor | None) -> bool:
+    """True if no tensor holds a NaN or an inf: one pass over each, one device sync in all."""
+    checks = [torch.isfinite(x).all() for x in tensors if x is not None]
+    return bool(torch.stack(checks).all())
+
+
+def _gather_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: tuple[int, int],
+    dilation: tuple[int, int],
+    rpb: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Per-query attention by explicit gather (the oracle), in chunks of query rows."""
+    batch, height, width, heads, head_dim = q.shape
+    per_row = batch * width * heads * head_dim * kernel_size[0] * kernel_size[1]
+    step = max(1, GATHER_ELEMENTS // max(1, per_row))
+    rpb = rpb.to(q.dtype) if rpb is not None else None
+    chunks = [
+        na2d_reference(
+            q, k, v, kernel_size, dilation, rpb, scale, query_rows=slice(start, start + step)
+        )
+        for start in range(0, height, step)
+    ]
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
 
 
 def tiled_attention(
@@ -96,8 +139,8 @@ def tiled_attention(
     # [heads or 1, row classes, col classes, Tr * Tc, Bkr * Bkc]: small, differentiable in rpb.
     bias = class_bias(rows, cols, rpb, q.dtype).permute(2, 0, 1, 3, 4).contiguous()
     if not torch.is_grad_enabled():
-        # No autograd node needed (inference, or inside NeighborhoodAttention2D while tracing,
-        # where the tracer cannot nest autograd Functions).
+        # No autograd node needed (inference, or inside TracedNeighborhoodAttention2D while
+        # tracing, where the tracer cannot nest autograd Functions).
         return _untile(_tiled_forward(q, k, v, bias, rows, cols, scale), rows, cols)
     return TiledAttention.apply(q, k, v, bias, rows, cols, scale)
 
@@ -124,7 +167,9 @@ class TiledAttention(torch.autograd.Function):
     Saves only q, k, v, the class bias table and the output, so memory stays near the size of
     the inputs; each chunk's logits hold about CHUNK_ELEMENTS values. Recomputing the softmax
     in backward (torch's fused kernel) measured faster than saving a log-sum-exp and
-    exponentiating against it.
+    exponentiating against it. The hand-written backward is not itself differentiable: with
+    `create_graph=True` (double backward) the backward differentiates a plain-autograd replay
+    of the forward instead.
     """
 
     @staticmethod
@@ -147,6 +192,9 @@ class TiledAttention(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, bias, out_tiles = ctx.saved_tensors
         rows, cols, scale = ctx.tiling
+        if torch.is_grad_enabled():  # create_graph=True
+            needs = ctx.needs_input_grad
+            return _replay_backward(q, k, v, bias, rows, cols, scale, grad_out, needs)
         q_tiles = _query_tiles(q * scale, rows, cols)
         grad_tiles = _query_tiles(grad_out, rows, cols)
         delta = (grad_tiles * out_tiles).sum(-1)  # [N, heads, nth, ntw, Tr * Tc]
@@ -174,6 +222,27 @@ class TiledAttention(torch.autograd.Function):
         grad_q = _untile(grad_q_tiles.mul_(scale), rows, cols)
         grad_k, grad_v = _heads_last(grad_k_maps), _heads_last(grad_v_maps)
         return grad_q, grad_k, grad_v, grad_bias, None, None, None
+
+
+def _replay_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor,
+    rows: AxisTiling,
+    cols: AxisTiling,
+    scale: float,
+    grad_out: torch.Tensor,
+    needs_input_grad: tuple[bool, ...],
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients with a graph: autograd through a replay of `_tiled_forward` (plain torch ops)."""
+    # Views, so that q, k and v stay separate inputs even when they are one tensor (na2d(x, x, x)).
+    q, k, v, bias = inputs = tuple(x.view_as(x) for x in (q, k, v, bias))
+    wanted = [x for x, needed in zip(inputs, needs_input_grad, strict=False) if needed]
+    out = _untile(_tiled_forward(q, k, v, bias, rows, cols, scale), rows, cols)
+    grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
+    result = [next(grads) if needed else None for needed in needs_input_grad[:4]]
+    return (*result, None, None, None)
 
 
 def _tiled_forward(
