@@ -136,6 +136,7 @@ def test_an_earlier_run_is_not_overwritten_without_resume_or_force(
     work_dir = tmp_path / 'work'
     work_dir.mkdir()
     (work_dir / 'iter_2.pth').write_bytes(b'earlier')
+    (work_dir / 'pretrained.pth').write_bytes(b'not a run')  # only a run's own files count
     argv = [det_demo_config, '--work-dir', work_dir, '--cfg-options', *det_overrides(demo_data, 2)]
     status, err = status_and_error(call_tool, capsys, 'train', argv)
     assert status == 2 and 'the work dir holds an earlier run (iter_2.pth)' in err

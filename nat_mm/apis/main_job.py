@@ -219,7 +219,7 @@ def run_main_job(settings: MainJobSettings) -> dict:
 
     det_options = det_overrides(data_root, settings.det_iters)
     seg_options = seg_overrides(data_root, settings.seg_iters)
-    untrained = os.path.join(det_dir, 'untrained.pth')
+    untrained = os.path.join(work_dir, 'untrained', 'detector.pth')
     step_start = time.perf_counter()
     save_untrained_checkpoint(DET_CONFIG, det_options, untrained)
     det_untrained_json = os.path.join(det_dir, 'metrics_untrained.json')

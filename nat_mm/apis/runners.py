@@ -17,7 +17,7 @@ from mmengine.config import Config, ConfigDict
 
 from nat_mm.apis.config import library_of, load_config, register_library
 from nat_mm.apis.datasets import check_dataset_files
-from nat_mm.engine.resume import find_resume_checkpoint
+from nat_mm.engine.resume import find_resume_checkpoint, is_run_checkpoint_name
 from nat_mm.errors import NatMMError
 from nat_mm.fileio import check_can_write
 
@@ -123,9 +123,7 @@ def _check_fresh_work_dir(work_dir: str, force: bool) -> None:
     """A run that is not resumed must not overwrite the checkpoints of an earlier one."""
     if not os.path.isdir(work_dir) or force:
         return
-    earlier = sorted(
-        n for n in os.listdir(work_dir) if n.endswith('.pth') or n == 'last_checkpoint'
-    )
+    earlier = sorted(name for name in os.listdir(work_dir) if is_run_checkpoint_name(name))
     if earlier:
         raise NatMMError(
             f'the work dir holds an earlier run ({", ".join(earlier[:4])}'

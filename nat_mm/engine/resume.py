@@ -24,6 +24,11 @@ POINTER_NAME = 'last_checkpoint'
 _NUMBERED = re.compile(r'(iter|epoch)_(\d+)\.pth')
 
 
+def is_run_checkpoint_name(name: str) -> bool:
+    """``iter_N.pth``, ``epoch_N.pth`` or the ``last_checkpoint`` pointer: what a run saves."""
+    return name == POINTER_NAME or _NUMBERED.fullmatch(name) is not None
+
+
 def checkpoint_problem(path: str) -> str | None:
     """Why ``path`` is not a complete checkpoint written by ``torch.save``, or None.
 
