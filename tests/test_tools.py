@@ -420,6 +420,7 @@ def test_demo_paints_same_named_images_apart_and_keeps_existing_pictures(
     ]
     assert call_tool('demo', argv) == 0
     assert sorted(os.listdir(out)) == ['a_jpg.png', 'a_png.png']
+    assert Image.open(out / 'a_jpg.png').size == image.size
     assert 'wrote 2 pictures' in capsys.readouterr().out
     before = (out / 'a_jpg.png').read_bytes()
     status, err = status_and_error(call_tool, capsys, 'demo', argv)
@@ -465,3 +466,30 @@ def test_make_data_rejects_bad_settings(call_tool, capsys, tmp_path):
         call_tool, capsys, 'make_data', ['--out', tmp_path, '--num-train', '0']
     )
     assert status == 2 and 'num_train' in err
+
+
+def test_demo_paints_segmentation_maps_over_whole_images(
+    call_tool, demo_data, seg_demo_config, tmp_path
+):
+    from PIL import Image
+
+    segmentor = build_model(load_config(seg_demo_config))
+    torch.save({'state_dict': segmentor.state_dict(), 'meta': {}}, tmp_path / 'seg.pth')
+    images = f'{demo_data}/ade/ADEChallengeData2016/images/validation'
+    out = tmp_path / 'out'
+    argv = [
+        seg_demo_config,
+        tmp_path / 'seg.pth',
+        images,
+        '--out-dir',
+        out,
+        '--limit',
+        1,
+        '--cfg-options',
+        *seg_overrides(demo_data, None),
+    ]
+    assert call_tool('demo', argv) == 0
+    (picture,) = os.listdir(out)
+    source = sorted(os.listdir(images))[0]
+    assert picture == source.replace('.jpg', '.png')
+    assert Image.open(out / picture).size == Image.open(f'{images}/{source}').size

@@ -161,7 +161,10 @@ def paint_predictions(
     for path, output in zip(images, outputs, strict=True):
         result = inferencer(path, return_vis=True, no_save_vis=True, **options) if is_detector \
             else inferencer(path, return_vis=True, **options)  # fmt: skip
-        picture = np.ascontiguousarray(result['visualization'][0][..., ::-1])  # RGB -> BGR
+        picture = result['visualization']
+        if isinstance(picture, list):  # mmdet returns a list; mmseg unwraps a single picture
+            (picture,) = picture
+        picture = np.ascontiguousarray(picture[..., ::-1])  # RGB -> BGR
         encoded, data = cv2.imencode('.png', picture)
         if not encoded:
             raise NatMMError('cannot encode the picture as PNG', output)
