@@ -493,3 +493,19 @@ def test_demo_paints_segmentation_maps_over_whole_images(
     source = sorted(os.listdir(images))[0]
     assert picture == source.replace('.jpg', '.png')
     assert Image.open(out / picture).size == Image.open(f'{images}/{source}').size
+
+
+def test_a_missing_pretrained_backbone_checkpoint_fails_before_training(
+    call_tool, capsys, tmp_path
+):
+    config = 'configs/mmseg/nat/nat-mini-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py'
+    argv = [
+        config,
+        '--work-dir',
+        tmp_path / 'w',
+        '--cfg-options',
+        f'model.backbone.init_cfg.checkpoint={tmp_path / "nat_mini.pth"}',
+    ]
+    status, err = status_and_error(call_tool, capsys, 'train', argv)
+    assert status == 2 and 'model.backbone.init_cfg: checkpoint file does not exist' in err
+    assert not (tmp_path / 'w').exists()

@@ -94,12 +94,16 @@ def prepare_launcher(cfg: Config, launcher: str) -> None:
 
 def check_backbone(cfg: Config) -> None:
     """Builds a NAT / DiNAT backbone alone (no weights), so that a bad argument is reported as
-    bad input before the runner builds datasets and the rest of the model.
+    bad input before the runner builds datasets and the rest of the model; checks that a local
+    pre-trained checkpoint it names exists.
 
     Raises:
-        NatMMError: The backbone's arguments are invalid (the message names the argument).
+        NatMMError: The backbone's arguments are invalid (the message names the argument), or
+            its pre-trained checkpoint is missing.
     """
     from mmengine.registry import MODELS, DefaultScope
+
+    from nat_mm.checkpoint.reading import resolve_checkpoint_path
 
     backbone = cfg.get('model', {}).get('backbone')
     if not backbone or backbone.get('type') not in ('NAT', 'DiNAT'):
@@ -110,6 +114,17 @@ def check_backbone(cfg: Config) -> None:
             MODELS.build(options)
     except (ValueError, TypeError) as error:
         raise NatMMError(f'model.backbone: {error}', cfg.filename) from error
+    init_cfg = backbone.get('init_cfg') or {}
+    source = init_cfg.get('checkpoint') if init_cfg.get('type') == 'Pretrained' else None
+    if source and not str(source).startswith(('http://', 'https://')):
+        try:
+            resolve_checkpoint_path(source)
+        except NatMMError as error:
+            raise NatMMError(
+                f'model.backbone.init_cfg: {error.what} (download the ImageNet weights, '
+                'configs/README.md has the links)',
+                source,
+            ) from None
 
 
 def _build_runner(cfg: Config):
