@@ -92,9 +92,10 @@ def prepare_launcher(cfg: Config, launcher: str) -> None:
     cfg.model_wrapper_cfg = wrapper
 
 
-def check_backbone(cfg: Config) -> None:
+def check_backbone(cfg: Config, pretrained: bool) -> None:
     """Builds a NAT / DiNAT backbone alone (no weights), so that a bad argument is reported as
-    bad input before the runner builds datasets and the rest of the model; checks that a local
+    bad input before the runner builds datasets and the rest of the model; with ``pretrained``
+    (training: mmengine initialises the weights even when resuming), checks that a local
     pre-trained checkpoint it names exists.
 
     Raises:
@@ -116,6 +117,7 @@ def check_backbone(cfg: Config) -> None:
         raise NatMMError(f'model.backbone: {error}', cfg.filename) from error
     init_cfg = backbone.get('init_cfg') or {}
     source = init_cfg.get('checkpoint') if init_cfg.get('type') == 'Pretrained' else None
+    source = source if pretrained else None
     if source and not str(source).startswith(('http://', 'https://')):
         try:
             resolve_checkpoint_path(source)
@@ -181,7 +183,7 @@ def build_train_runner(
     if amp and not torch.cuda.is_available():
         raise NatMMError('mixed precision needs a CUDA GPU; on a CPU train in fp32', '--amp')
     register_library(library)
-    check_backbone(cfg)
+    check_backbone(cfg, pretrained=True)
     check_dataset_files(cfg, ('train_dataloader', 'val_dataloader'))
     work_dir = set_work_dir(cfg, work_dir, config)
     use_nat_mm_runtime(cfg, trust)
@@ -300,7 +302,7 @@ def build_test_runner(
         checkpoint = resolve_checkpoint_path(checkpoint, sha256)
     if metrics_json is not None:
         check_can_write(metrics_json, force, '--metrics-json')
-    check_backbone(cfg)
+    check_backbone(cfg, pretrained=False)  # the checkpoint under test replaces the weights
     check_dataset_files(cfg, ('test_dataloader',))
     set_work_dir(cfg, work_dir, config)
     use_nat_mm_runtime(cfg, trust)
