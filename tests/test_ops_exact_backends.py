@@ -107,16 +107,17 @@ def test_matches_oracle_fp32(case: tuple, with_rpb: bool, backend: str) -> None:
     _run_case(*case, with_rpb=with_rpb, dtype=torch.float32, backend=backend)
 
 
+@pytest.mark.parametrize('backend', BACKENDS)
 @pytest.mark.parametrize('case', CASES[::3], ids=str)
-def test_matches_oracle_bf16(case: tuple) -> None:
-    # bf16 runs on the torch backend only (the compiled kernel takes float32 / float64).
-    _run_case(*case, with_rpb=True, dtype=torch.bfloat16)
+def test_matches_oracle_bf16(case: tuple, backend: str) -> None:
+    _run_case(*case, with_rpb=True, dtype=torch.bfloat16, backend=backend)
 
 
+@pytest.mark.parametrize('backend', BACKENDS)
 @pytest.mark.parametrize('case', CASES, ids=str)
-def test_matches_oracle_fp16(case: tuple) -> None:
-    # The AMP configs train in fp16: the torch backend runs it natively on CPU too.
-    _run_case(*case, with_rpb=True, dtype=torch.float16)
+def test_matches_oracle_fp16(case: tuple, backend: str) -> None:
+    # The AMP configs train in fp16 (on GPUs); both exact CPU backends run it too.
+    _run_case(*case, with_rpb=True, dtype=torch.float16, backend=backend)
 
 
 @pytest.mark.parametrize('backend', BACKENDS)

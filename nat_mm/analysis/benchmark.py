@@ -324,7 +324,8 @@ def _add_achieved_rates(rows: list[dict], shape: tuple[int, int], batch: int, ra
     from mmengine.analysis import FlopAnalyzer
 
     for row in rows:
-        model = _build_backbone(row['model'], None, shape).eval()
+        model = _build_backbone(row['model'], None, shape)
+        model.eval()  # mmdet's SwinTransformer.train() returns None: no chaining
         with torch.no_grad():
             analyzer = FlopAnalyzer(model, (torch.rand(1, 3, *shape),))
             analyzer.unsupported_ops_warnings(False)

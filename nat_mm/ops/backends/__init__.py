@@ -21,8 +21,9 @@ BACKENDS: dict[str, ModuleType] = {
 
 # Automatic choice, best first (README.md's backend table). On CUDA NATTEN's fused kernels (no RPB,
 # docs/neighborhood-attention.md section 4) beat Flex, which beats the tiled torch path. On CPU the
-# compiled kernel beats the tiled torch path; NATTEN and Flex are forward-only or slower there
-# (they can still be forced). A backend whose forward raises is skipped (`nat_mm.ops.na2d`).
+# compiled kernel (float32 / float64 / bfloat16 / float16) beats the tiled torch path; NATTEN and
+# Flex are forward-only or slower there (they can still be forced). A backend whose forward
+# raises is skipped (`nat_mm.ops.na2d`).
 AUTO_PRIORITY: dict[str, tuple[str, ...]] = {
     'cuda': ('natten', 'flex', 'torch'),
     'cpu': ('cpu', 'torch'),

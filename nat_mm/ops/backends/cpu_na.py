@@ -3,14 +3,17 @@
 Every query visits exactly its Kh x Kw window, so no logit is computed and masked away and k / v
 are never gathered into copies: this is the fast path on CPU. The C file needs no PyTorch headers;
 it is built on first use with the system C compiler (`$CC`, else `cc`; OpenMP, `-march=native`,
-about a second) into `$NAT_MM_CACHE/kernels/` (default `~/.cache/nat_mm/kernels/`), keyed by the
-source, the flags, the compiler and the CPU, and published atomically so concurrent processes
+about two seconds) into `$NAT_MM_CACHE/kernels/` (default `~/.cache/nat_mm/kernels/`), keyed by
+the source, the flags, the compiler and the CPU, and published atomically so concurrent processes
 (torchrun) can build it at once. Without a working compiler the backend reports why and na2d
 falls back to the pure-PyTorch `torch` backend.
 
-float32 and float64 run natively. With autograd the forward keeps each query's Kh * Kw attention
-probabilities (what window attention keeps too) besides q, k and v; the backward runs in parallel
-over (batch, head, sub-lattice, stripe of rows) items that never write the same key.
+Storage dtypes float32, float64, bfloat16 and float16 (float16 needs F16C, AVX-512 or a compiler
+with _Float16); bfloat16 / float16 are computed in float32 and rounded once, at the end, as CPU
+attention kernels do; the RPB may have any float dtype and its gradient comes back in it. q, k and
+v are read in place when they share strides and head_dim is contiguous (the views of one qkv
+projection), and saved as they are: the backward recomputes the attention weights, so nothing
+else is kept between forward and backward. Design and measurements: na2d_cpu_impl.h.
 """
 
 from __future__ import annotations
@@ -26,27 +29,37 @@ import shutil
 import subprocess
 import tempfile
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from mmengine.logging import print_log
 
+from . import torch_na
+
 NAME = 'cpu'
-DTYPES = {torch.float32: 'f32', torch.float64: 'f64'}
-VECTOR_BYTES = 32  # rows of q, k, v are padded to whole AVX vectors (na2d_cpu_impl.h)
+# Storage dtype -> (suffix of its functions in na2d_cpu.c, dtype of its arithmetic: the RPB table
+# and its gradient). Half types are computed in float32.
+DTYPES = {
+    torch.float32: ('f32', torch.float32),
+    torch.float64: ('f64', torch.float64),
+    torch.bfloat16: ('bf16', torch.float32),
+    torch.float16: ('f16', torch.float32),
+}
 MAX_HEAD_DIM = 256  # MAX_DIM in na2d_cpu.c
+MAX_WINDOW = 256  # MAX_WINDOW in na2d_cpu.c: Kh * Kw
 SOURCE_DIR = pathlib.Path(__file__).resolve().parents[1] / 'csrc'
 # Read at import: the library is built from this snapshot, so it always matches this module's
 # ctypes declarations, even if the files change while a process runs.
 SOURCES = {name: (SOURCE_DIR / name).read_bytes() for name in ('na2d_cpu.c', 'na2d_cpu_impl.h')}
-# gnu11 rather than c11: ISO C mode turns off fusing a * b + c into FMA instructions. -ffast-math
-# lets the softmax call glibc's vector exp (libmvec): half the forward's time. It is given to the
-# compile step only: linking with it would add crtfastmath.o, which turns on flush-to-zero for the
-# whole process when the library loads (GCC < 13).
-COMPILE_FLAGS = ('-O3', '-march=native', '-fopenmp', '-fPIC', '-std=gnu11', '-ffast-math')
+# gnu11 rather than c11: ISO C mode turns off fusing a * b + c into FMA instructions. No
+# -ffast-math: the softmax's exp is inline vector code (na2d_cpu.c), IEEE semantics keep NaN / inf
+# inputs in their windows, and a library linked with it would turn on flush-to-zero for the whole
+# process when it loads (crtfastmath.o, GCC < 13). -O2 runs 1.6x slower.
+COMPILE_FLAGS = ('-O3', '-march=native', '-fopenmp', '-fPIC', '-std=gnu11')
 LINK_FLAGS = ('-shared', '-fopenmp')
-LIBRARIES = ('-lmvec', '-lm')
+LIBRARIES = ('-lm',)
+AXIS_TABLES = ('start', 'bias', 'order', 'first', 'count', 'query', 'slot', 'position')
 
 
 class _Geometry(ctypes.Structure):
@@ -62,12 +75,9 @@ class _Geometry(ctypes.Structure):
         ('kernel_w', ctypes.c_int32),
         ('dilation_h', ctypes.c_int32),
         ('dilation_w', ctypes.c_int32),
-        ('row_start', ctypes.c_void_p),
-        ('row_bias', ctypes.c_void_p),
-        ('col_start', ctypes.c_void_p),
-        ('col_bias', ctypes.c_void_p),
-        ('row_order', ctypes.c_void_p),
-        ('col_order', ctypes.c_void_p),
+        ('in_stride', ctypes.c_int64 * 4),
+        ('out_stride', ctypes.c_int64 * 4),
+        *((f'{axis}_{table}', ctypes.c_void_p) for axis in ('row', 'col') for table in AXIS_TABLES),
     ]
 
 
@@ -112,9 +122,11 @@ def _library() -> ctypes.CDLL | str:
         library = ctypes.CDLL(str(target))
     except OSError as error:
         return f'cannot load {target}: {error}'
-    for suffix in DTYPES.values():
-        getattr(library, f'na2d_forward_{suffix}').restype = None
-        getattr(library, f'na2d_backward_{suffix}').restype = None
+    for suffix, _ in DTYPES.values():
+        for kind in ('forward', 'backward', 'chunk'):
+            function = getattr(library, f'na2d_{kind}_{suffix}', None)
+            if function is not None:  # float16 needs a compiler with _Float16
+                function.restype = ctypes.c_int32
     return library
 
 
@@ -165,8 +177,13 @@ def can_run(
         return f'the compiled kernel runs on CPU, got device {q.device}'
     if q.dtype not in DTYPES:
         return f'the compiled kernel supports {tuple(DTYPES)}, got {q.dtype}'
+    library = _library()
+    if not isinstance(library, str) and not hasattr(library, _symbol('forward', q.dtype)):
+        return f'the compiled kernel has no {q.dtype} here (it needs F16C, AVX-512 or _Float16)'
     if q.shape[-1] > MAX_HEAD_DIM:
         return f'the compiled kernel supports head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}'
+    if kernel_size[0] * kernel_size[1] > MAX_WINDOW:
+        return f'the compiled kernel supports Kh * Kw <= {MAX_WINDOW}, got {kernel_size}'
     return None
 
 
@@ -180,64 +197,114 @@ def forward(
     scale: float,
 ) -> torch.Tensor:
     """Neighborhood attention on validated CPU inputs [B, H, W, heads, head_dim]."""
-    rpb = rpb.to(q.dtype) if rpb is not None else None
     tensors = (q, k, v) if rpb is None else (q, k, v, rpb)
     if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
         return CpuNeighborhoodAttention.apply(q, k, v, rpb, kernel_size, dilation, scale)
     head_dim = q.shape[-1]
-    q, k, v = _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
-    return _forward(q, k, v, rpb, kernel_size, dilation, scale)[..., :head_dim]
+    q, k, v = _kernel_inputs(q, k, v)
+    return _forward(q, k, v, _kernel_rpb(rpb, q.dtype), kernel_size, dilation, scale)[
+        ..., :head_dim
+    ]
+
+
+class AxisWindows(NamedTuple):
+    """One axis's windows (int32 [length] unless noted), as na2d_cpu.c's geometry takes them."""
+
+    start: torch.Tensor  # first key of each query's window
+    bias: torch.Tensor  # RPB index of that key
+    order: torch.Tensor  # positions by sub-lattice (consecutive queries share most keys)
+    first: torch.Tensor  # where key j's queries start in `query` / `slot`
+    count: torch.Tensor  # how many queries have key j in their window
+    query: torch.Tensor  # [length * K]: those queries, ascending, key by key
+    slot: torch.Tensor  # [length * K]: the window slot that key j is for each of them
+    position: torch.Tensor  # where each position comes in `order`
 
 
 @functools.lru_cache(maxsize=256)
-def axis_windows(
-    length: int, kernel_size: int, dilation: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """First key of each position's window on one axis, that key's RPB index, a visiting order.
+def axis_windows(length: int, kernel_size: int, dilation: int) -> AxisWindows:
+    """The windows of one axis and their inverse.
 
     NATTEN 0.14 semantics: position i lies on sub-lattice `i % d` at index `p = i // d`; its window
     is K consecutive sub-lattice positions starting at `clamp(p - K // 2, 0, n - K)`, n being the
     sub-lattice's length; slot s is key `(start + s) * d + i % d` with RPB index
-    `start + s - p + K - 1`.
-
-    Returns:
-        (start, bias, order) int32 [length] tensors: key of slot 0, its RPB index, and the
-        positions sorted by sub-lattice (consecutive queries then share most of their keys).
+    `start + s - p + K - 1`. The inverse lists, for every key, the queries whose window holds it
+    and at which slot (a contiguous run of its sub-lattice, longer near the borders).
     """
     position = torch.arange(length)
     residue, index = position % dilation, position // dilation
     sub_length = (length - residue + dilation - 1) // dilation
     start = torch.minimum((index - kernel_size // 2).clamp(min=0), sub_length - kernel_size)
-    key = start * dilation + residue
+    first_key = start * dilation + residue
     bias = start - index + kernel_size - 1
     order = torch.argsort(residue * length + index)
-    return key.to(torch.int32), bias.to(torch.int32), order.to(torch.int32)
+    slots = torch.arange(kernel_size)
+    keys = (first_key[:, None] + slots * dilation).flatten()  # [length * K], query-major
+    queries = position.repeat_interleave(kernel_size)
+    by_key = torch.argsort(keys * length + queries)
+    count = torch.bincount(keys, minlength=length)
+    first = torch.cumsum(count, 0) - count
+    tables = (first_key, bias, order, first, count, queries[by_key], slots.repeat(length)[by_key])
+    tables += (torch.argsort(order),)
+    return AxisWindows(*(table.to(torch.int32) for table in tables))
 
 
 def _geometry(
-    q: torch.Tensor, kernel_size: tuple[int, int], dilation: tuple[int, int]
-) -> tuple[_Geometry, tuple[torch.Tensor, ...]]:
-    """The C geometry struct and the tensors it points to (keep them alive during the call)."""
+    q: torch.Tensor,
+    out: torch.Tensor,
+    kernel_size: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[_Geometry, tuple[AxisWindows, AxisWindows]]:
+    """The C geometry of kernel inputs q (k, v share its strides) and contiguous outputs like
+    `out`, and the tables it points to (keep them alive during the call)."""
     batch, height, width, heads, head_dim = q.shape
-    row_start, row_bias, row_order = axis_windows(height, kernel_size[0], dilation[0])
-    col_start, col_bias, col_order = axis_windows(width, kernel_size[1], dilation[1])
-    tables = (row_start, row_bias, col_start, col_bias, row_order, col_order)
+    rows = axis_windows(height, kernel_size[0], dilation[0])
+    cols = axis_windows(width, kernel_size[1], dilation[1])
     geometry = _Geometry(
         batch, height, width, heads, head_dim, *kernel_size, *dilation,
-        *(table.data_ptr() for table in tables),
+        (ctypes.c_int64 * 4)(*q.stride()[:4]), (ctypes.c_int64 * 4)(*out.stride()[:4]),
+        *(table.data_ptr() for table in (*rows, *cols)),
     )  # fmt: skip
-    return geometry, tables
+    return geometry, (rows, cols)
 
 
 def _pointer(x: torch.Tensor | None) -> ctypes.c_void_p | None:
     return ctypes.c_void_p(x.data_ptr()) if x is not None else None
 
 
-def _kernel_layout(x: torch.Tensor) -> torch.Tensor:
-    """Contiguous, head_dim zero-padded to whole vectors (zeros change no dot product)."""
-    lanes = VECTOR_BYTES // x.element_size()
-    pad = -x.shape[-1] % lanes
-    return F.pad(x, (0, pad)).contiguous() if pad else x.contiguous()
+def _symbol(kind: str, dtype: torch.dtype) -> str:
+    return f'na2d_{kind}_{DTYPES[dtype][0]}'
+
+
+def _kernel(kind: str, dtype: torch.dtype) -> Any:
+    return getattr(_library(), _symbol(kind, dtype))
+
+
+def _chunk(dtype: torch.dtype) -> int:
+    """head_dim must be a multiple of this many elements (na2d_cpu_impl.h)."""
+    return _kernel('chunk', dtype)()
+
+
+def _kernel_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v as the kernel reads them: as they are when head_dim is contiguous, a multiple of the
+    kernel's chunk, and the three share strides (views of one qkv projection do); else
+    contiguous copies, head_dim zero-padded (zeros change no dot product)."""
+    pad = -tensors[0].shape[-1] % _chunk(tensors[0].dtype)
+    if pad:
+        return tuple(F.pad(x, (0, pad)) for x in tensors)
+    strides = tensors[0].stride()
+    if strides[-1] == 1 and all(x.stride() == strides for x in tensors):
+        return tensors
+    return tuple(x.contiguous() for x in tensors)
+
+
+def _kernel_rpb(rpb: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The RPB table in the kernel's arithmetic dtype (float32 for half inputs), contiguous."""
+    return rpb.to(DTYPES[dtype][1]).contiguous() if rpb is not None else None
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise MemoryError('na2d cpu kernel: could not allocate its scratch memory')
 
 
 def _forward(
@@ -248,27 +315,73 @@ def _forward(
     kernel_size: tuple[int, int],
     dilation: tuple[int, int],
     scale: float,
-    saved_probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The C forward on q, k, v in `_kernel_layout`; returns the output in that layout (head_dim
-    still padded) and fills `saved_probs` [B, H, W, heads, Kh * Kw] when given."""
-    rpb = rpb.contiguous() if rpb is not None else None
-    out = torch.empty_like(q)
-    geometry, _tables = _geometry(q, kernel_size, dilation)
-    kernel = getattr(_library(), f'na2d_forward_{DTYPES[q.dtype]}')
-    kernel(
-        ctypes.byref(geometry),
-        *(_pointer(x) for x in (q, k, v, rpb)),
-        ctypes.c_double(scale),
-        _pointer(out),
-        _pointer(saved_probs),
-        ctypes.c_int32(torch.get_num_threads()),
+    """The C forward on `_kernel_inputs`; returns the output (head_dim as padded)."""
+    out = torch.empty(q.shape, dtype=q.dtype)
+    geometry, _tables = _geometry(q, out, kernel_size, dilation)
+    _check(
+        _kernel('forward', q.dtype)(
+            ctypes.byref(geometry),
+            *(_pointer(x) for x in (q, k, v, rpb)),
+            ctypes.c_double(scale),
+            _pointer(out),
+            ctypes.c_int32(torch.get_num_threads()),
+        )
     )
     return out
 
 
+def _backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rpb: torch.Tensor | None,
+    grad_out: torch.Tensor,
+    kernel_size: tuple[int, int],
+    dilation: tuple[int, int],
+    scale: float,
+    rpb_grad: bool,
+    chunks: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The C backward on `_kernel_inputs`, their kernel rpb and a contiguous grad_out.
+
+    Work items are (batch, head, row sub-lattice, chunk of it). By default the sub-lattices are
+    split only when there are fewer of them than threads; a chunk recomputes the few query rows
+    around it that it needs, and any split gives the same result.
+    """
+    batch, height, _, heads, _ = q.shape
+    real = DTYPES[q.dtype][1]
+    grad_q, grad_k, grad_v = (torch.empty(q.shape, dtype=q.dtype) for _ in range(3))
+    rpb_partial = grad_rpb = None
+    if rpb_grad:
+        table = (2 * kernel_size[0] - 1, 2 * kernel_size[1] - 1)
+        rpb_partial = torch.empty(batch * heads * height, table[0] * table[1], dtype=real)
+        grad_rpb = torch.empty(heads, *table, dtype=real)
+    threads = torch.get_num_threads()
+    if chunks is None:
+        chunks = -(-threads // (batch * heads * dilation[0]))
+    geometry, _tables = _geometry(q, grad_q, kernel_size, dilation)
+    _check(
+        _kernel('backward', q.dtype)(
+            ctypes.byref(geometry),
+            *(_pointer(x) for x in (q, k, v, rpb)),
+            ctypes.c_double(scale),
+            *(_pointer(x) for x in (grad_out, grad_q, grad_k, grad_v, rpb_partial, grad_rpb)),
+            ctypes.c_int32(chunks),
+            ctypes.c_int32(threads),
+        )
+    )
+    return grad_q, grad_k, grad_v, grad_rpb
+
+
 class CpuNeighborhoodAttention(torch.autograd.Function):
-    """The C forward and backward as one autograd node (saves q, k, v and the probabilities)."""
+    """The C forward and backward as one autograd node.
+
+    Saves q, k, v as given (views of a qkv projection are not copied) and the RPB table: the
+    backward recomputes the attention weights. With `create_graph=True` (double backward) the
+    backward differentiates the `torch` backend's forward on the saved inputs instead, so the
+    gradients are differentiable again.
+    """
 
     @staticmethod
     def forward(
@@ -282,32 +395,45 @@ class CpuNeighborhoodAttention(torch.autograd.Function):
         scale: float,
     ) -> torch.Tensor:
         head_dim = q.shape[-1]
-        q, k, v = _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
-        probs = q.new_empty(*q.shape[:4], kernel_size[0] * kernel_size[1])
-        out = _forward(q, k, v, rpb, kernel_size, dilation, scale, probs)
-        ctx.save_for_backward(q, k, v, probs)
-        ctx.options = (kernel_size, dilation, scale, head_dim, rpb is not None)
+        inputs = _kernel_inputs(q, k, v)
+        out = _forward(*inputs, _kernel_rpb(rpb, q.dtype), kernel_size, dilation, scale)
+        ctx.save_for_backward(q, k, v, rpb)
+        ctx.options = (kernel_size, dilation, scale)
         return out[..., :head_dim]
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, probs = ctx.saved_tensors
-        kernel_size, dilation, scale, head_dim, has_rpb = ctx.options
-        grad_out = _kernel_layout(grad_out)
-        grad_q = torch.empty_like(q)
-        grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
-        grad_rpb = None
-        if has_rpb and ctx.needs_input_grad[3]:
-            heads = q.shape[3]
-            grad_rpb = q.new_zeros(heads, 2 * kernel_size[0] - 1, 2 * kernel_size[1] - 1)
-        geometry, _tables = _geometry(q, kernel_size, dilation)
-        kernel = getattr(_library(), f'na2d_backward_{DTYPES[q.dtype]}')
-        kernel(
-            ctypes.byref(geometry),
-            *(_pointer(x) for x in (q, k, v, probs)),
-            ctypes.c_double(scale),
-            *(_pointer(x) for x in (grad_out, grad_q, grad_k, grad_v, grad_rpb)),
-            ctypes.c_int32(torch.get_num_threads()),
-        )
-        grads = (grad[..., :head_dim] for grad in (grad_q, grad_k, grad_v))
-        return *grads, grad_rpb, None, None, None
+        q, k, v, rpb = ctx.saved_tensors
+        kernel_size, dilation, scale = ctx.options
+        needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True
+            return _replay_backward(q, k, v, rpb, kernel_size, dilation, scale, grad_out, needs)
+        head_dim = q.shape[-1]
+        (grad_in,) = _kernel_inputs(grad_out)
+        grads = _backward(
+            *_kernel_inputs(q, k, v), _kernel_rpb(rpb, q.dtype), grad_in.contiguous(),
+            kernel_size, dilation, scale, rpb is not None and needs[3],
+        )  # fmt: skip
+        grad_q, grad_k, grad_v = (grad[..., :head_dim] for grad in grads[:3])
+        grad_rpb = grads[3].to(rpb.dtype) if grads[3] is not None else None
+        return grad_q, grad_k, grad_v, grad_rpb, None, None, None
+
+
+def _replay_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rpb: torch.Tensor | None,
+    kernel_size: tuple[int, int],
+    dilation: tuple[int, int],
+    scale: float,
+    grad_out: torch.Tensor,
+    needs_input_grad: tuple[bool, ...],
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients with a graph (double backward): autograd through the `torch` backend."""
+    inputs = (q, k, v, rpb)
+    wanted = [x for x, needed in zip(inputs, needs_input_grad, strict=False) if needed]
+    out = torch_na.forward(q, k, v, kernel_size, dilation, rpb, scale)
+    grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
+    result = [next(grads) if needed else None for needed in needs_input_grad[:4]]
+    return (*result, None, None, None)
