@@ -35,6 +35,19 @@ def detector_weights(det_demo_config) -> dict:
 
 
 @pytest.fixture
+def evaluate_detector(call_tool, capsys, demo_data, det_demo_config, tmp_path):
+    """``evaluate_detector(checkpoint, *options, cfg_options=())``: the test tool on the demo
+    detector and demo data, work dir in tmp_path; returns (exit status, stderr)."""
+
+    def run(checkpoint, *options, cfg_options=()):
+        argv = [det_demo_config, checkpoint, '--work-dir', tmp_path / 'test', *options,
+                '--cfg-options', *det_overrides(demo_data, None), *cfg_options]  # fmt: skip
+        return status_and_error(call_tool, capsys, 'test', argv)
+
+    return run
+
+
+@pytest.fixture
 def det_checkpoint(detector_weights, tmp_path) -> str:
     path = tmp_path / 'det.pth'
     torch.save({'state_dict': detector_weights, 'meta': {}}, path)
@@ -145,37 +158,17 @@ def test_an_earlier_run_is_not_overwritten_without_resume_or_force(
 
 
 def test_metrics_json_that_is_a_folder_fails_before_the_evaluation(
-    call_tool, capsys, demo_data, det_demo_config, det_checkpoint, tmp_path
+    evaluate_detector, det_checkpoint, tmp_path
 ):
     (tmp_path / 'metrics').mkdir()
-    argv = [
-        det_demo_config,
-        det_checkpoint,
-        '--metrics-json',
-        tmp_path / 'metrics',
-        '--work-dir',
-        tmp_path / 'test',
-        '--cfg-options',
-        *det_overrides(demo_data, None),
-    ]
-    status, err = status_and_error(call_tool, capsys, 'test', argv)
+    status, err = evaluate_detector(det_checkpoint, '--metrics-json', tmp_path / 'metrics')
     assert status == 2 and '--metrics-json is a folder, expected a file path' in err
     assert not (tmp_path / 'test').exists()  # nothing ran
 
 
-def test_existing_metrics_json_needs_force(
-    call_tool, capsys, demo_data, det_demo_config, det_checkpoint, tmp_path
-):
+def test_existing_metrics_json_needs_force(evaluate_detector, det_checkpoint, tmp_path):
     (tmp_path / 'metrics.json').write_text('{}')
-    argv = [
-        det_demo_config,
-        det_checkpoint,
-        '--metrics-json',
-        tmp_path / 'metrics.json',
-        '--cfg-options',
-        *det_overrides(demo_data, None),
-    ]
-    status, err = status_and_error(call_tool, capsys, 'test', argv)
+    status, err = evaluate_detector(det_checkpoint, '--metrics-json', tmp_path / 'metrics.json')
     assert status == 2 and '--metrics-json exists; pass --force to overwrite it' in err
 
 
@@ -294,72 +287,35 @@ def test_missing_checkpoint(call_tool, capsys, det_demo_config, tmp_path):
     assert status == 2 and f'checkpoint file does not exist ({tmp_path / "missing.pth"})' in err
 
 
-def test_unreadable_checkpoint(call_tool, capsys, demo_data, det_demo_config, tmp_path):
+def test_unreadable_checkpoint(evaluate_detector, tmp_path):
     path = tmp_path / 'garbage.pth'
     path.write_bytes(b'not a checkpoint')
-    argv = [
-        det_demo_config,
-        path,
-        '--work-dir',
-        tmp_path / 't',
-        '--cfg-options',
-        *det_overrides(demo_data, None),
-    ]
-    status, err = status_and_error(call_tool, capsys, 'test', argv)
+    status, err = evaluate_detector(path)
     assert status == 2 and 'cannot read the checkpoint' in err
 
 
 def test_checkpoint_of_another_model_is_named_key_by_key(
-    call_tool, capsys, demo_data, det_demo_config, seg_demo_config, tmp_path
+    evaluate_detector, seg_demo_config, tmp_path
 ):
     segmentor = build_model(load_config(seg_demo_config))
     path = tmp_path / 'seg.pth'
     torch.save({'state_dict': segmentor.state_dict()}, path)
-    argv = [
-        det_demo_config,
-        path,
-        '--work-dir',
-        tmp_path / 't',
-        '--cfg-options',
-        *det_overrides(demo_data, None),
-    ]
-    status, err = status_and_error(call_tool, capsys, 'test', argv)
+    status, err = evaluate_detector(path)
     assert status == 2 and 'checkpoint does not fit the MaskRCNN model' in err
     assert 'missing keys: ' in err and 'roi_head.' in err
     assert 'unexpected keys: ' in err and 'decode_head.' in err
 
 
-def test_non_finite_weights_are_an_error(
-    call_tool, capsys, detector_weights, demo_data, det_demo_config, tmp_path
-):
+def test_non_finite_weights_are_an_error(evaluate_detector, detector_weights, tmp_path):
     weights = {key: value.clone() for key, value in detector_weights.items()}
     weights['rpn_head.rpn_cls.weight'][0] = float('nan')
     torch.save({'state_dict': weights, 'meta': {}}, tmp_path / 'nan.pth')
-    argv = [
-        det_demo_config,
-        tmp_path / 'nan.pth',
-        '--work-dir',
-        tmp_path / 't',
-        '--cfg-options',
-        *det_overrides(demo_data, None),
-    ]
-    status, err = status_and_error(call_tool, capsys, 'test', argv)
+    status, err = evaluate_detector(tmp_path / 'nan.pth')
     assert status == 2 and '1 keys with NaN or inf values: rpn_head.rpn_cls.weight' in err
 
 
-def test_an_evaluation_without_results_exits_2(
-    call_tool, capsys, demo_data, det_demo_config, det_checkpoint, tmp_path
-):
-    argv = [
-        det_demo_config,
-        det_checkpoint,
-        '--work-dir',
-        tmp_path / 't',
-        '--cfg-options',
-        *det_overrides(demo_data, None),
-        'test_evaluator=[]',
-    ]
-    status, err = status_and_error(call_tool, capsys, 'test', argv)
+def test_an_evaluation_without_results_exits_2(evaluate_detector, det_checkpoint):
+    status, err = evaluate_detector(det_checkpoint, cfg_options=['test_evaluator=[]'])
     assert status == 2 and 'the evaluation produced no metrics' in err
 
 
