@@ -23,6 +23,7 @@ rm -rf "$OUT.tmp" && mkdir -p "$OUT.tmp"
 "${PIP[@]}" download --quiet --no-deps --only-binary=:all: --python-version "$PY_VERSION" \
     --implementation py --abi none --platform any -d "$OUT.tmp" "${PURE[@]}"
 "${PIP[@]}" wheel --quiet --no-deps --no-build-isolation -w "$OUT.tmp" "$ROOT"
+rm -rf "$ROOT/build"  # setuptools' scratch folder of that wheel
 "${PIP[@]}" wheel --quiet --no-deps --no-build-isolation -w "$OUT.tmp" natten==0.21.7
 for wheel in "$OUT.tmp"/*.whl; do
     case "$(basename "$wheel")" in
