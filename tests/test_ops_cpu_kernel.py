@@ -193,6 +193,25 @@ def test_double_backward_differentiates_the_torch_backend() -> None:
 
 
 @needs_kernel
+def test_double_backward_with_one_tensor_as_q_k_and_v() -> None:
+    """na2d(x, x, x): each of q, k, v gets its own share of the gradient, not the whole once per
+    input (the replay separates the saved inputs); against the oracle, first and second order."""
+    (x,) = (
+        t.requires_grad_() for t in random_inputs((1, 9, 9, 2, 8), (3, 3), False, torch.float64)[:1]
+    )
+
+    def penalty(attention) -> tuple[torch.Tensor, torch.Tensor]:
+        (grad,) = torch.autograd.grad(attention(x).sin().sum(), x, create_graph=True)
+        (second,) = torch.autograd.grad(grad.square().sum(), x)
+        return grad.detach(), second
+
+    got = penalty(lambda t: na2d(t, t, t, 3, 2, backend='cpu'))
+    expected = penalty(lambda t: na2d_reference(t, t, t, 3, 2))
+    for grad, reference in zip(got, expected, strict=True):
+        torch.testing.assert_close(grad, reference, atol=1e-10, rtol=1e-10)
+
+
+@needs_kernel
 @pytest.mark.skipif(platform.machine() not in ('x86_64', 'AMD64'), reason='x86 flags')
 @pytest.mark.parametrize(
     'flags', [('-mno-avx512f',), ('-march=x86-64',)], ids=['avx2', 'sse2-generic']

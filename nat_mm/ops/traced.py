@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .backends import BACKENDS
+from .backends.replay import replay_gradients
 
 
 class TracedNeighborhoodAttention2D(torch.autograd.Function):
@@ -42,27 +43,11 @@ class TracedNeighborhoodAttention2D(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         kernel_size, dilation, scale, backend = ctx.options
-        create_graph = torch.is_grad_enabled()
-        inputs = [_separate(t, create_graph) for t in ctx.saved_tensors]
-        needed = [
-            t is not None and need for t, need in zip(inputs, ctx.needs_input_grad[:4], strict=True)
-        ]
-        with torch.enable_grad():
-            out = BACKENDS[backend].forward(*inputs[:3], kernel_size, dilation, inputs[3], scale)
-        wanted = [t for t, need in zip(inputs, needed, strict=True) if need]
-        grads = iter(
-            torch.autograd.grad(out, wanted, grad_out, create_graph=create_graph) if wanted else ()
+
+        def replay(q, k, v, rpb):
+            return BACKENDS[backend].forward(q, k, v, kernel_size, dilation, rpb, scale)
+
+        grads = replay_gradients(
+            replay, ctx.saved_tensors, ctx.needs_input_grad[:4], grad_out, torch.is_grad_enabled()
         )
-        result = [next(grads) if need else None for need in needed]
-        return (*result, None, None, None, None)
-
-
-def _separate(t: torch.Tensor | None, create_graph: bool) -> torch.Tensor | None:
-    """A tensor of its own for a saved input (q, k and v may be one tensor: na2d(x, x, x)).
-
-    With create_graph a view, which keeps the graph back to the input (double backward), else a
-    detached copy.
-    """
-    if t is None:
-        return None
-    return t.view_as(t) if create_graph else t.detach().requires_grad_(t.requires_grad)
+        return (*grads, None, None, None, None)

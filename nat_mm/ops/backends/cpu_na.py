@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from mmengine.logging import print_log
 
 from . import torch_na
+from .replay import replay_gradients
 
 NAME = 'cpu'
 # Storage dtype -> (suffix of its functions in na2d_cpu.c, dtype of its arithmetic: the RPB table
@@ -431,9 +432,9 @@ def _replay_backward(
     needs_input_grad: tuple[bool, ...],
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients with a graph (double backward): autograd through the `torch` backend."""
-    inputs = (q, k, v, rpb)
-    wanted = [x for x, needed in zip(inputs, needs_input_grad, strict=False) if needed]
-    out = torch_na.forward(q, k, v, kernel_size, dilation, rpb, scale)
-    grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
-    result = [next(grads) if needed else None for needed in needs_input_grad[:4]]
-    return (*result, None, None, None)
+
+    def replay(q, k, v, rpb):
+        return torch_na.forward(q, k, v, kernel_size, dilation, rpb, scale)
+
+    grads = replay_gradients(replay, (q, k, v, rpb), needs_input_grad[:4], grad_out, True)
+    return (*grads, None, None, None)
