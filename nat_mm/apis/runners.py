@@ -17,7 +17,11 @@ from mmengine.config import Config, ConfigDict
 
 from nat_mm.apis.config import library_of, load_config, register_library
 from nat_mm.apis.datasets import check_dataset_files
-from nat_mm.engine.resume import find_resume_checkpoint, is_run_checkpoint_name
+from nat_mm.engine.resume import (
+    checkpoint_folders,
+    find_resume_checkpoint,
+    is_run_checkpoint_name,
+)
 from nat_mm.errors import NatMMError
 from nat_mm.fileio import check_can_write
 
@@ -195,9 +199,11 @@ def build_train_runner(
             raise NatMMError('the config has no auto_scale_lr.base_batch_size', '--auto-scale-lr')
         cfg.auto_scale_lr.enable = True
     if resume is True:
-        cfg.resume, cfg.load_from = True, None
-        # Fail now, not after the model is built, when the work dir has only broken files.
-        find_resume_checkpoint(work_dir)
+        # Chosen now (once), so that a work dir with only broken files fails before anything
+        # is built; None: nothing to resume, a fresh start (logged).
+        out_dir = (cfg.get('default_hooks') or {}).get('checkpoint', {}).get('out_dir')
+        found = find_resume_checkpoint(work_dir, checkpoint_folders(work_dir, [out_dir]))
+        cfg.resume, cfg.load_from = found is not None, found
     elif resume:
         if not os.path.isfile(resume):
             raise NatMMError('the checkpoint to resume from does not exist', resume)

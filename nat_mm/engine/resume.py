@@ -24,6 +24,13 @@ POINTER_NAME = 'last_checkpoint'
 _NUMBERED = re.compile(r'(iter|epoch)_(\d+)\.pth')
 
 
+def checkpoint_folders(work_dir: str, out_dirs: Iterable[str | None]) -> list[str]:
+    """The work dir and the folders ``CheckpointHook(out_dir=...)`` saves to: ``out_dir`` joined
+    with the work dir's name, as mmengine does."""
+    name = os.path.basename(work_dir.rstrip(os.sep))
+    return [work_dir, *(os.path.join(out_dir, name) for out_dir in out_dirs if out_dir)]
+
+
 def is_run_checkpoint_name(name: str) -> bool:
     """``iter_N.pth``, ``epoch_N.pth`` or the ``last_checkpoint`` pointer: what a run saves."""
     return name == POINTER_NAME or _NUMBERED.fullmatch(name) is not None

@@ -16,14 +16,12 @@ Enable it with ``runner_type = 'SafeLoadRunner'`` in a config (nat_mm's configs 
 
 from __future__ import annotations
 
-import os
-
 from mmengine.hooks import CheckpointHook
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 from nat_mm.checkpoint import load_checkpoint, load_state_dict_strictly, unwrap_state_dict
-from nat_mm.engine.resume import find_resume_checkpoint
+from nat_mm.engine.resume import checkpoint_folders, find_resume_checkpoint
 
 
 @RUNNERS.register_module()
@@ -33,20 +31,12 @@ class SafeLoadRunner(Runner):
     Takes exactly the Runner's arguments; reads ``trust_checkpoint`` from its config.
     """
 
-    def _checkpoint_folders(self) -> list[str]:
-        """Folders the checkpoint hooks save to (``out_dir`` + the work dir's name, as mmengine)."""
-        folders = [self.work_dir]
-        for hook in self.hooks:
-            if isinstance(hook, CheckpointHook) and hook.out_dir is not None:
-                folders.append(
-                    os.path.join(hook.out_dir, os.path.basename(self.work_dir.rstrip(os.sep)))
-                )
-        return folders
-
     def load_or_resume(self) -> None:
         """As mmengine's, with the automatic resume of :func:`find_resume_checkpoint`."""
         if not self._has_loaded and self._resume and self._load_from is None:
-            found = find_resume_checkpoint(self.work_dir, self._checkpoint_folders())
+            out_dirs = [hook.out_dir for hook in self.hooks if isinstance(hook, CheckpointHook)]
+            folders = checkpoint_folders(self.work_dir, out_dirs)
+            found = find_resume_checkpoint(self.work_dir, folders)
             if found is None:
                 self._resume = False  # nothing to resume: a fresh start, already logged
             else:
