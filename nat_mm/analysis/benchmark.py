@@ -25,6 +25,7 @@ as 3 forwards) as a fraction of it.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import resource
@@ -54,28 +55,35 @@ RESULT_MARK = 'BENCHMARK_RESULT '
 # ----------------------------------------------------------------------------- building models
 
 
-def swin_tiny(shape: tuple[int, int]) -> tuple[torch.nn.Module, str]:
-    """Swin-T from the first library installed: mmdet, mmseg, timm. Returns it and its origin."""
-    for library in ('mmdet', 'mmseg'):
+def swin_library() -> str:
+    """The first of mmdet, mmseg, timm whose Swin-T imports (the peer backbone's origin)."""
+    for library in ('mmdet', 'mmseg', 'timm'):
+        module = 'timm' if library == 'timm' else f'{library}.models.backbones'
         try:
-            module = __import__(f'{library}.models.backbones', fromlist=['SwinTransformer'])
+            importlib.import_module(module)
         except ImportError:
             continue
-        return module.SwinTransformer(**SWIN_TINY), library
-    try:
+        return library
+    raise NatMMError('Swin-T needs mmdet, mmseg or timm installed', 'swin-tiny')
+
+
+def swin_tiny(shape: tuple[int, int]) -> torch.nn.Module:
+    """Swin-T (embed 96, depths 2-2-6-2, window 7) from :func:`swin_library`."""
+    library = swin_library()
+    if library == 'timm':
         import timm
-    except ImportError as error:
-        raise NatMMError('Swin-T needs mmdet, mmseg or timm installed', 'swin-tiny') from error
-    model = timm.create_model(
-        'swin_tiny_patch4_window7_224', pretrained=False, features_only=True, img_size=shape
-    )
-    return model, 'timm'
+
+        return timm.create_model(
+            'swin_tiny_patch4_window7_224', pretrained=False, features_only=True, img_size=shape
+        )
+    module = importlib.import_module(f'{library}.models.backbones')
+    return module.SwinTransformer(**SWIN_TINY)
 
 
 def _build_backbone(name: str, attn_backend: str | None, shape: tuple[int, int]) -> torch.nn.Module:
     """A NAT/DiNAT preset ('nat-tiny') or 'swin-tiny' (:func:`swin_tiny`)."""
     if name == 'swin-tiny':
-        return swin_tiny(tuple(shape))[0]
+        return swin_tiny(tuple(shape))
     from nat_mm.apis.config import build_backbone
 
     return build_backbone(name, attn_backend=attn_backend)
@@ -279,7 +287,7 @@ def benchmark(
     models = [(subject, f'{subject} backbone (nat_mm)' if backbone else subject)]
     if peer:
         if backbone:
-            models.append(('swin-tiny', f'Swin-T backbone ({swin_tiny(tuple(shape))[1]})'))
+            models.append(('swin-tiny', f'Swin-T backbone ({swin_library()})'))
         else:
             from nat_mm.apis.config import library_of, load_config
 
