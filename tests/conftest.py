@@ -3,7 +3,9 @@
 torch's CPU threads are set here, once for the whole run (``NAT_MM_TEST_THREADS``, default 2: the
 CI machine has 2 cores); a test that needs another count takes the ``set_threads`` fixture, which
 restores the suite's setting afterwards. Test modules cannot import this file (pytest runs with
-``--import-mode=importlib``): everything shared is a fixture.
+``--import-mode=importlib``): everything shared is a fixture, or the ``requires_cpu_kernel``
+marker for tests of the compiled CPU kernel (a broken kernel build fails them wherever a C compiler
+exists; they skip only without one).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import http.server
 import importlib
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import threading
@@ -133,3 +136,60 @@ def write_payload(tmp_path) -> Callable[..., tuple[str, pathlib.Path]]:
         return str(path), marker
 
     return write
+
+
+# ----------------------------------------------------------------------------- the CPU kernel
+
+
+def _c_compiler() -> str | None:
+    """The compiler the `cpu` backend builds its kernel with (`$CC`, else `cc`; as cpu_na does)."""
+    return shutil.which(os.environ.get('CC', 'cc'))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        'markers',
+        'requires_cpu_kernel: needs the compiled CPU kernel; skips only where no C compiler '
+        'exists, fails where one exists and the kernel does not build',
+    )
+
+
+_KERNEL_BROKEN = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """`requires_cpu_kernel`: checked before the test's fixtures, which may redirect the cache."""
+    if item.get_closest_marker('requires_cpu_kernel') is None:
+        return
+    from nat_mm.ops.backends import cpu_na
+
+    reason = cpu_na.unavailable_reason()
+    if reason is None:
+        return
+    if _c_compiler() is None:
+        pytest.skip(f'compiled CPU kernel unavailable: {reason}')
+    item.stash[_KERNEL_BROKEN] = reason
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    # Raised in the call phase so that a broken build reports the test FAILED, not a setup error.
+    reason = item.stash.get(_KERNEL_BROKEN, None)
+    if reason is not None:
+        compiler = _c_compiler()
+        message = f'{compiler} is present but the CPU kernel is unavailable: {reason}'
+        pytest.fail(message, pytrace=False)
+
+
+@pytest.fixture
+def c_compiler() -> str | None:
+    """The C compiler the `cpu` backend would use, or None where there is none."""
+    return _c_compiler()
+
+
+@pytest.fixture
+def auto_cpu_backend() -> str:
+    """What na2d must pick for float32 on CPU: `cpu` wherever a C compiler exists (a kernel that
+    fails to build then fails the test), `torch` only without one."""
+    return 'cpu' if _c_compiler() is not None else 'torch'

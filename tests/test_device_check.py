@@ -82,13 +82,71 @@ def test_the_report_states_results_and_targets(tmp_path):
     assert 'float32: worst 1.00x (S1 d1), target <= 1.3: met' in report
     assert 'NAT-T / Swin-T training step, bfloat16: 0.90, target <= 1.0: met' in report
     assert '| gpu | H200 |' in report
-    assert json.loads((tmp_path / 'figures.json').read_text()) == json.loads(json.dumps(figures))
+    saved = json.loads((tmp_path / 'figures.json').read_text())
+    assert saved['environment'] == {'torch': '2.11.0', 'gpu': 'H200'}
+    tests = saved['cuda_tests']
+    assert (tests['tests'], tests['passed'], tests['failed'], tests['skipped']) == (3, 1, 1, 1)
+    assert tests['skips'] == ['tests.test_ops_cuda::test_natten: NATTEN has no CUDA kernels here']
+    assert saved['na_bfloat16']['flex_vs_natten'] == [{'layer': 'S1 d1', 'flex_vs_natten': 2.0}]
+    assert saved['backbone_bfloat16']['train_ratio'] == pytest.approx(0.9)
+    assert 'backbone_float32' not in saved  # no such file was written
+    assert saved['targets'] == [
+        'flex (RPB) / best NATTEN (no RPB), bfloat16: worst 2.00x (S1 d1), target <= 1.3: MISSED',
+        'flex (RPB) / best NATTEN (no RPB), float32: worst 1.00x (S1 d1), target <= 1.3: met',
+        'NAT-T / Swin-T training step, bfloat16: 0.90, target <= 1.0: met',
+    ]
+    assert figures['targets'] == saved['targets']
 
 
 def test_a_check_that_ran_nothing_says_so(tmp_path):
     write_report(str(tmp_path))
     report = (tmp_path / 'report.md').read_text()
     assert '0 passed, 0 failed, 0 skipped (of 0).' in report and '- no figures' in report
+
+
+# Stands in for the machine's python: records the folder after --target (and its mode, if it
+# exists), then fails, so the check stops right after choosing the folder.
+FAKE_PYTHON = """#!/bin/sh
+while [ "$#" -gt 0 ]; do
+    if [ "$1" = --target ]; then printf '%s\\n' "$2" >"$RECORD"; stat -c %a "$2" >>"$RECORD"; fi
+    shift
+done
+exit 1
+"""
+
+
+@pytest.mark.parametrize('given', [False, True], ids=['fresh', 'NAT_MM_SITE'])
+def test_the_wheels_go_to_a_fresh_private_folder_unless_one_is_given(repo_root, tmp_path, given):
+    """Not a fixed folder under the shared temp dir (first on PYTHONPATH): a new `mktemp -d`,
+    private and removed on exit; a folder given as NAT_MM_SITE is used and kept."""
+    python, wheels, temp = tmp_path / 'python', tmp_path / 'wheels', tmp_path / 'tmp'
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    wheels.mkdir()
+    (wheels / 'nat_mm-0.1.0-py3-none-any.whl').write_bytes(b'')
+    temp.mkdir()
+    record, site = tmp_path / 'record', tmp_path / 'site'
+    environment = dict(os.environ, PYTHON=str(python), TMPDIR=str(temp), RECORD=str(record))
+    environment.pop('NAT_MM_SITE', None)
+    if given:
+        site.mkdir(mode=0o755)
+        environment['NAT_MM_SITE'] = str(site)
+    check = subprocess.run(
+        ['bash', 'tools/device_check.sh', str(wheels), str(tmp_path / 'out')],
+        cwd=repo_root,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 2 and 'error: the wheels do not install' in check.stdout
+    target, mode = record.read_text().splitlines()
+    if given:
+        assert (target, mode) == (str(site), '755') and site.is_dir()
+    else:
+        assert os.path.dirname(target) == str(temp), target
+        assert os.path.basename(target).startswith('nat_mm_site.') and mode == '700'
+        assert os.listdir(temp) == []  # removed on exit
 
 
 # The GPU machine's own packages that nat_mm uses (its image has them; see the device tool's docs).
@@ -106,7 +164,9 @@ MACHINE_PACKAGES = [
 
 
 @pytest.mark.slow
-def test_the_wheel_folder_installs_and_the_check_runs_in_a_clean_environment(repo_root, tmp_path):
+def test_the_wheel_folder_installs_and_the_check_runs_in_a_clean_environment(
+    repo_root, tmp_path, c_compiler
+):
     version = f'{sys.version_info[0]}.{sys.version_info[1]}'
     wheels = tmp_path / 'wheels'
     prepared = subprocess.run(
@@ -140,7 +200,9 @@ def test_the_wheel_folder_installs_and_the_check_runs_in_a_clean_environment(rep
     assert check.returncode == 0, check.stdout[-3000:] + check.stderr[-3000:]
     info = json.loads((out / 'environment.json').read_text())
     assert info['nat_mm'] == '0.1.0' and info['gpu'] == 'none'
-    assert 'cpu' in info['na2d backends'] or 'torch' in info['na2d backends']
+    backends = info['na2d backends'].split(', ')
+    # With a C compiler the installed wheel must build its CPU kernel; torch runs everywhere.
+    assert 'torch' in backends and ('cpu' in backends) == (c_compiler is not None), backends
     steps = dict(line.split() for line in (out / 'steps.txt').read_text().splitlines())
     assert steps['cuda-tests'] in ('0', '5')  # every CUDA test skipped, or none collected
     assert steps['na_bfloat16'] == '2'  # no CUDA device: the tool's bad-input exit

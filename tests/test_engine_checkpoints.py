@@ -106,6 +106,19 @@ def saved_iter(path) -> int:
     return load_checkpoint(str(path))['meta']['iter']
 
 
+def saved_weights(path) -> dict:
+    from nat_mm.checkpoint import load_checkpoint
+
+    return load_checkpoint(str(path))['state_dict']
+
+
+def assert_trained_on(start: dict, path) -> None:
+    """The checkpoint at `path` holds other weights than `start`: the resumed run trained."""
+    end = saved_weights(path)
+    assert end.keys() == start.keys()
+    assert not all(torch.equal(end[name], start[name]) for name in start), 'no step was taken'
+
+
 def assert_finished(work_dir, max_iters, keep):
     """The run ended at max_iters, kept at most `keep` checkpoints, left no temporary file."""
     names = sorted(os.listdir(work_dir))
@@ -125,10 +138,13 @@ def test_kill_while_writing_with_one_kept_checkpoint_resumes(tmp_path):
     # mmengine would have removed iter_2.pth before writing iter_4.pth: here it survives.
     assert sorted(os.listdir(work_dir)).count('iter_2.pth') == 1
     assert checkpoint_problem(str(work_dir / '.iter_4.pth.partial')) is not None
+    start = saved_weights(work_dir / 'iter_2.pth')
     resumed = train_child(work_dir, keep=1)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert 'resumed epoch: 0, iter: 2' in resumed.stderr + resumed.stdout
+    assert 'TRAINED TO 8' in resumed.stdout
     assert_finished(work_dir, 8, keep=1)
+    assert_trained_on(start, work_dir / 'iter_8.pth')
 
 
 @pytest.mark.slow
@@ -161,10 +177,12 @@ def test_a_run_written_by_plain_mmengine_resumes_without_trust(tmp_path):
         # mmengine 0.10's own resume on torch >= 2.6.
         with pytest.raises(pickle.UnpicklingError):
             torch.load(work_dir / 'iter_4.pth')
+    start = saved_weights(work_dir / 'iter_4.pth')
     resumed = train_child(work_dir, max_iters=6, keep=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert 'resumed epoch: 0, iter: 4' in resumed.stderr + resumed.stdout
     assert saved_iter(work_dir / 'iter_6.pth') == 6
+    assert_trained_on(start, work_dir / 'iter_6.pth')
 
 
 # ----------------------------------------------------------------------------- choosing a file

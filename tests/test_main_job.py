@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from nat_mm.apis.main_job import DET_CONFIG, SEG_CONFIG, det_overrides, seg_overrides
 from nat_mm.checkpoint import load_checkpoint
@@ -61,6 +62,18 @@ def test_a_tiny_main_job_runs_every_step_and_keeps_its_results(tmp_path, run_cli
     summary = json.loads((tmp_path / 'job' / 'summary.json').read_text())
     assert summary['det_iters'] == summary['seg_iters'] == 2
     assert 0 <= summary['segmentor']['mIoU'] <= 100
+    for name, final in summary['checkpoints'].items():
+        # Both iterations ran and trained: the halfway and the final checkpoint differ.
+        assert final == str(tmp_path / 'job' / name / 'iter_2.pth')
+        halfway, last = (
+            load_checkpoint(osp.join(osp.dirname(final), f'iter_{i}.pth')) for i in (1, 2)
+        )
+        assert (halfway['meta']['iter'], last['meta']['iter']) == (1, 2)
+        assert any(
+            not torch.equal(weight, halfway['state_dict'][key])
+            for key, weight in last['state_dict'].items()
+            if key.startswith('backbone.')
+        ), f'the {name} backbone did not change in its second iteration'
     for folder in summary['pictures'].values():
         assert len(os.listdir(folder)) == 1
     again = run_cli('main_job', *options)

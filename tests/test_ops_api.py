@@ -7,10 +7,10 @@ import torch
 
 import nat_mm.ops as ops
 from nat_mm.ops import na2d
-from nat_mm.ops.backends import BACKENDS, check_backend, cpu_na
+from nat_mm.ops.backends import BACKENDS, check_backend
 
-# The automatic choice for float32 on CPU: the compiled kernel where it builds, else torch.
-AUTO_ON_CPU = 'cpu' if cpu_na.unavailable_reason() is None else 'torch'
+# The automatic choice for float32 on CPU is the `auto_cpu_backend` fixture (tests/conftest.py):
+# `cpu` wherever a C compiler exists, so a kernel that fails to build fails these tests.
 
 
 def _qkv(shape=(1, 9, 10, 2, 4), dtype=torch.float32):
@@ -71,12 +71,12 @@ def test_bad_tensors() -> None:
         na2d(q, meta, v, 3)
 
 
-def test_available_backends_and_last_backend() -> None:
+def test_available_backends_and_last_backend(auto_cpu_backend: str) -> None:
     assert 'torch' in ops.available_backends()
     assert set(ops.available_backends()) <= set(BACKENDS)
     q, k, v = _qkv()
     na2d(q, k, v, 3)
-    assert ops.last_backend() == AUTO_ON_CPU
+    assert ops.last_backend() == auto_cpu_backend
 
 
 def test_forcing_a_backend_that_cannot_run_raises_with_reason() -> None:
@@ -92,7 +92,7 @@ def test_forcing_a_backend_that_cannot_run_raises_with_reason() -> None:
         na2d(q, k, v, 3, backend='flex')
 
 
-def test_default_backend_and_context_manager() -> None:
+def test_default_backend_and_context_manager(auto_cpu_backend: str) -> None:
     q, k, v = _qkv()
     with pytest.raises(ValueError, match='name must be one of'):
         ops.set_default_backend('fast')
@@ -105,10 +105,10 @@ def test_default_backend_and_context_manager() -> None:
         na2d(q, k, v, 3, rpb=torch.zeros(2, 5, 5))
     ops.set_default_backend(None)
     na2d(q, k, v, 3)
-    assert ops.last_backend() == AUTO_ON_CPU
+    assert ops.last_backend() == auto_cpu_backend
 
 
-def test_automatic_choice_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+def test_automatic_choice_is_logged_once(auto_cpu_backend: str) -> None:
     from nat_mm.ops import functional
 
     functional._logged_choices.clear()
@@ -121,27 +121,20 @@ def test_automatic_choice_is_logged_once(caplog: pytest.LogCaptureFixture) -> No
         na2d(q, k, v, 3)
     finally:
         functional.print_log = original
-    # One message; where the kernel cannot be built it ends with "(skipped cpu: <why>)".
+    # One message; without a C compiler it ends with "(skipped cpu: <why>)".
     assert len(messages) == 1
-    assert messages[0].startswith(f"na2d: using backend '{AUTO_ON_CPU}' on cpu")
+    assert messages[0].startswith(f"na2d: using backend '{auto_cpu_backend}' on cpu")
 
 
-EMPTY_BACKENDS = [
-    None,
-    'torch',
-    pytest.param(
-        'cpu',
-        marks=pytest.mark.skipif(
-            cpu_na.unavailable_reason() is not None,
-            reason=f'compiled CPU kernel unavailable: {cpu_na.unavailable_reason()}',
-        ),
-    ),
-]
+CPU_KERNEL = pytest.param('cpu', marks=pytest.mark.requires_cpu_kernel)
+EMPTY_BACKENDS = [None, 'torch', CPU_KERNEL]
 
 
 @pytest.mark.parametrize('backend', EMPTY_BACKENDS)
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
-def test_empty_batch_forward_and_backward(backend: str | None, dtype: torch.dtype) -> None:
+def test_empty_batch_forward_and_backward(
+    backend: str | None, dtype: torch.dtype, auto_cpu_backend: str
+) -> None:
     q, k, v = (x.requires_grad_() for x in _qkv((0, 9, 10, 2, 4), dtype))
     rpb = torch.randn(2, 5, 5, dtype=dtype, requires_grad=True)
     out = na2d(q, k, v, 3, (2, 3), rpb=rpb, backend=backend)
@@ -150,10 +143,10 @@ def test_empty_batch_forward_and_backward(backend: str | None, dtype: torch.dtyp
     for grad, tensor in zip(grads, (q, k, v, rpb), strict=True):
         assert grad.shape == tensor.shape and grad.dtype == dtype
     assert torch.equal(grads[3], torch.zeros_like(rpb))
-    assert ops.last_backend() == (backend or AUTO_ON_CPU)
+    assert ops.last_backend() == (backend or auto_cpu_backend)
 
 
-@pytest.mark.parametrize('backend', ['natten', 'flex', 'cpu', 'torch'])
+@pytest.mark.parametrize('backend', ['natten', 'flex', CPU_KERNEL, 'torch'])
 def test_empty_batch_without_grad_on_every_backend(backend: str) -> None:
     """Nothing to compute: even backends that need a compile or a package return at once."""
     q, k, v = _qkv((0, 9, 10, 2, 8))

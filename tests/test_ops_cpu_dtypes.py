@@ -13,13 +13,9 @@ from torch import nn
 
 from nat_mm import ops
 from nat_mm.ops import na2d
-from nat_mm.ops.backends import cpu_na
 from nat_mm.ops.reference import na2d_reference, random_inputs
 
-pytestmark = pytest.mark.skipif(
-    cpu_na.unavailable_reason() is not None,
-    reason=f'compiled CPU kernel unavailable: {cpu_na.unavailable_reason()}',
-)
+pytestmark = pytest.mark.requires_cpu_kernel
 
 HALF = [torch.bfloat16, torch.float16]
 # (atol, rtol) for values of order one: bfloat16 keeps 8 significant bits, float16 11.

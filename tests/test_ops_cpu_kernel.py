@@ -2,7 +2,8 @@
 backward, building (also for CPUs without AVX-512), falling back.
 
 Its exactness against the oracle is in test_ops_exact_backends.py, shared with `torch`; bfloat16
-and float16 are in test_ops_cpu_dtypes.py.
+and float16 are in test_ops_cpu_dtypes.py. Tests marked `requires_cpu_kernel` skip only where no C
+compiler exists; with one, a kernel that does not build fails them (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -14,14 +15,9 @@ import pytest
 import torch
 
 from nat_mm import ops
-from nat_mm.ops import na2d
+from nat_mm.ops import functional, na2d
 from nat_mm.ops.backends import cpu_na
 from nat_mm.ops.reference import na2d_reference, random_inputs
-
-needs_kernel = pytest.mark.skipif(
-    cpu_na.unavailable_reason() is not None,
-    reason=f'compiled CPU kernel unavailable: {cpu_na.unavailable_reason()}',
-)
 
 
 @pytest.fixture
@@ -45,7 +41,7 @@ def _grads(threads: int, dtype: torch.dtype, shape, kernel_size, dilation):
         torch.set_num_threads(previous)
 
 
-@needs_kernel
+@pytest.mark.requires_cpu_kernel
 @pytest.mark.parametrize(
     ('shape', 'kernel_size', 'dilation'),
     [
@@ -68,7 +64,7 @@ def test_threads_give_the_one_thread_result(shape, kernel_size, dilation) -> Non
     torch.testing.assert_close(one[0], reference, atol=1e-12, rtol=1e-12)
 
 
-@needs_kernel
+@pytest.mark.requires_cpu_kernel
 def test_loading_the_kernel_keeps_subnormal_floats() -> None:
     """The kernel is compiled with -ffast-math but not linked with it: linking would turn on
     flush-to-zero for the whole process (crtfastmath.o) and change every later float op."""
@@ -80,7 +76,7 @@ def test_loading_the_kernel_keeps_subnormal_floats() -> None:
     assert (torch.tensor([1e-38], dtype=torch.float32) / 1000).item() != 0.0
 
 
-@needs_kernel
+@pytest.mark.requires_cpu_kernel
 def test_float64_is_exact_to_rounding() -> None:
     q, k, v, rpb = random_inputs((2, 14, 21, 2, 16), (7, 7), True, torch.float64)
     out = na2d(q, k, v, 7, (2, 3), rpb=rpb, backend='cpu')
@@ -88,7 +84,7 @@ def test_float64_is_exact_to_rounding() -> None:
     assert (out - reference).abs().max().item() < 1e-13
 
 
-@needs_kernel
+@pytest.mark.requires_cpu_kernel
 def test_automatic_choice_on_cpu() -> None:
     q, k, v, rpb = random_inputs((1, 9, 9, 2, 8), (3, 3), True)
     na2d(q, k, v, 3, rpb=rpb)
@@ -105,7 +101,7 @@ def test_automatic_choice_on_cpu() -> None:
         na2d(wide, wide, wide, 3, backend='cpu')
 
 
-@needs_kernel
+@pytest.mark.requires_cpu_kernel
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
 def test_any_chunking_gives_the_same_bits(dtype: torch.dtype) -> None:
     """The backward may split a row sub-lattice into chunks that recompute the query rows around
@@ -126,7 +122,7 @@ def test_any_chunking_gives_the_same_bits(dtype: torch.dtype) -> None:
             assert torch.equal(result, single)
 
 
-@needs_kernel
+@pytest.mark.requires_cpu_kernel
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)
 def test_qkv_views_are_read_in_place(dtype: torch.dtype) -> None:
     """q, k, v as views of one qkv projection (a pixel's channels 3 * heads * head_dim apart) are
@@ -149,7 +145,7 @@ def test_qkv_views_are_read_in_place(dtype: torch.dtype) -> None:
         assert torch.equal(view_grad, copy_grad)
 
 
-@needs_kernel
+@pytest.mark.requires_cpu_kernel
 def test_saves_only_its_inputs() -> None:
     """The backward recomputes the attention weights: nothing but q, k, v and the rpb is kept."""
     q, k, v, rpb = (x.requires_grad_() for x in random_inputs((1, 9, 9, 2, 32), (3, 3), True))
@@ -158,7 +154,7 @@ def test_saves_only_its_inputs() -> None:
     assert len(saved) == 4 and all(x is y for x, y in zip(saved, (q, k, v, rpb), strict=True))
 
 
-@needs_kernel
+@pytest.mark.requires_cpu_kernel
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64], ids=str)
 def test_wide_logits_are_exact(dtype: torch.dtype) -> None:
     """Logits spread over hundreds (probabilities down to e^-300 and flushed below): the inline
@@ -170,7 +166,7 @@ def test_wide_logits_are_exact(dtype: torch.dtype) -> None:
     torch.testing.assert_close(out.double(), ref, atol=tolerance, rtol=tolerance)
 
 
-@needs_kernel
+@pytest.mark.requires_cpu_kernel
 def test_double_backward_differentiates_the_torch_backend() -> None:
     """create_graph=True (a gradient penalty, gradgradcheck) runs through the `torch` backend:
     second derivatives are exact, never silently zero."""
@@ -192,7 +188,7 @@ def test_double_backward_differentiates_the_torch_backend() -> None:
         torch.testing.assert_close(grad, reference, atol=1e-12, rtol=1e-10)
 
 
-@needs_kernel
+@pytest.mark.requires_cpu_kernel
 def test_double_backward_with_one_tensor_as_q_k_and_v() -> None:
     """na2d(x, x, x): each of q, k, v gets its own share of the gradient, not the whole once per
     input (the replay separates the saved inputs); against the oracle, first and second order."""
@@ -211,7 +207,7 @@ def test_double_backward_with_one_tensor_as_q_k_and_v() -> None:
         torch.testing.assert_close(grad, reference, atol=1e-10, rtol=1e-10)
 
 
-@needs_kernel
+@pytest.mark.requires_cpu_kernel
 @pytest.mark.skipif(platform.machine() not in ('x86_64', 'AMD64'), reason='x86 flags')
 @pytest.mark.parametrize(
     'flags', [('-mno-avx512f',), ('-march=x86-64',)], ids=['avx2', 'sse2-generic']
@@ -248,19 +244,51 @@ def test_builds_without_avx512(
             )
 
 
+def _automatic_choice_and_its_log(monkeypatch: pytest.MonkeyPatch) -> tuple[str, list[str]]:
+    """na2d's automatic backend for float32 CPU inputs, and what it logged about the choice."""
+    messages = []
+    monkeypatch.setattr(functional, '_logged_choices', set())  # log this choice even if seen
+    monkeypatch.setattr(functional, 'print_log', lambda message, **_: messages.append(message))
+    q, k, v, rpb = random_inputs((1, 9, 9, 2, 8), (3, 3), True)
+    na2d(q, k, v, 3, rpb=rpb)
+    return ops.last_backend(), messages
+
+
+def _assert_falls_back_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """README.md's fallback without a compiler: `torch`, with the reason in the log."""
+    reason = cpu_na.unavailable_reason()
+    assert reason is not None and reason.startswith('no C compiler found'), reason
+    assert 'cpu' not in ops.available_backends()
+    backend, messages = _automatic_choice_and_its_log(monkeypatch)
+    assert backend == 'torch'
+    assert messages == [f"na2d: using backend 'torch' on cpu (skipped cpu: {reason})"]
+    q = torch.zeros(1, 9, 9, 2, 8)
+    with pytest.raises(RuntimeError, match=r"backend 'cpu' cannot run .*no C compiler"):
+        na2d(q, q, q, 3, backend='cpu')
+
+
+def test_the_kernel_builds_and_is_chosen_wherever_a_compiler_exists(
+    monkeypatch: pytest.MonkeyPatch, c_compiler: str | None
+) -> None:
+    """Never skipped: with a C compiler the kernel must build and be na2d's automatic choice on
+    CPU (a build failure fails here, whatever else skips); without one, the torch fallback."""
+    if c_compiler is None:
+        _assert_falls_back_to_torch(monkeypatch)
+        return
+    reason = cpu_na.unavailable_reason()
+    assert reason is None, f'{c_compiler} is present but the CPU kernel does not build: {reason}'
+    assert 'cpu' in ops.available_backends()
+    backend, messages = _automatic_choice_and_its_log(monkeypatch)
+    assert backend == 'cpu'
+    assert messages == ["na2d: using backend 'cpu' on cpu"]
+
+
 def test_without_a_compiler_na2d_falls_back_to_torch(
     monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, fresh_library: None
 ) -> None:
     monkeypatch.setenv('CC', str(tmp_path / 'no-such-compiler'))
     monkeypatch.setenv('NAT_MM_CACHE', str(tmp_path))
-    reason = cpu_na.unavailable_reason()
-    assert reason is not None and 'no C compiler found' in reason
-    assert 'cpu' not in ops.available_backends()
-    q, k, v, rpb = random_inputs((1, 9, 9, 2, 8), (3, 3), True)
-    na2d(q, k, v, 3, rpb=rpb)
-    assert ops.last_backend() == 'torch'
-    with pytest.raises(RuntimeError, match=r"backend 'cpu' cannot run .*no C compiler"):
-        na2d(q, k, v, 3, rpb=rpb, backend='cpu')
+    _assert_falls_back_to_torch(monkeypatch)
 
 
 def test_a_failing_build_reports_the_compiler_error(
@@ -279,7 +307,7 @@ def test_a_failing_build_reports_the_compiler_error(
     assert not list((tmp_path / 'cache' / 'kernels').glob('*.so'))  # nothing half-written
 
 
-@needs_kernel
+@pytest.mark.requires_cpu_kernel
 def test_build_is_cached_by_source_and_cpu(
     monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path, fresh_library: None
 ) -> None:

@@ -216,15 +216,15 @@ def test_flex_compiles_once_for_many_sizes_and_reuses_masks(device: str, dtype) 
     assert inputs[0].grad is None or inputs[0].grad.isfinite().all()
 
 
-AUTO_ON_CPU = 'cpu' if cpu_na.unavailable_reason() is None else 'torch'
-
-
-def _expected_choice(device: str, dtype: torch.dtype, head_dim: int, with_rpb: bool) -> str:
-    """README.md's table: on CPU `cpu` for its dtypes, else `torch`; on CUDA `natten` for
+def _expected_choice(
+    device: str, dtype: torch.dtype, head_dim: int, with_rpb: bool, auto_on_cpu: str
+) -> str:
+    """README.md's table: on CPU `auto_on_cpu` (the `auto_cpu_backend` fixture: `cpu` wherever
+    a C compiler exists) for the kernel's dtypes, else `torch`; on CUDA `natten` for
     layers without RPB (if its kernels are installed and take the head_dim), else `flex`, and
     `torch` where neither runs (float64; head_dim < 16, too small for Flex's CUDA kernels)."""
     if device == 'cpu':
-        return AUTO_ON_CPU if dtype in cpu_na.DTYPES else 'torch'
+        return auto_on_cpu if dtype in cpu_na.DTYPES else 'torch'
     natten_runs = _natten_cuda_reason() is None and dtype in natten_na.DTYPES
     if not with_rpb and natten_runs and head_dim % 8 == 0:
         return 'natten'
@@ -237,10 +237,12 @@ def _expected_choice(device: str, dtype: torch.dtype, head_dim: int, with_rpb: b
 @pytest.mark.parametrize('with_rpb', [True, False], ids=['rpb', 'no_rpb'])
 @pytest.mark.parametrize('head_dim', [32, 24, 12])
 @pytest.mark.parametrize('dtype', [*DTYPES, torch.float64], ids=str)
-def test_automatic_choice_follows_the_readme(device, dtype, head_dim, with_rpb) -> None:
+def test_automatic_choice_follows_the_readme(
+    device, dtype, head_dim, with_rpb, auto_cpu_backend
+) -> None:
     q, k, v, rpb = random_inputs((2, 9, 11, 2, head_dim), (3, 3), with_rpb, dtype)
     moved = [x.to(device) if x is not None else None for x in (q, k, v, rpb)]
     with torch.no_grad():
         out = na2d(*moved[:3], 3, rpb=moved[3])
-    assert last_backend() == _expected_choice(device, dtype, head_dim, with_rpb)
+    assert last_backend() == _expected_choice(device, dtype, head_dim, with_rpb, auto_cpu_backend)
     assert out.dtype == dtype and out.device.type == device

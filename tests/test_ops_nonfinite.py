@@ -12,16 +12,10 @@ import pytest
 import torch
 
 from nat_mm.ops import na2d
-from nat_mm.ops.backends import cpu_na, torch_na
+from nat_mm.ops.backends import torch_na
 from nat_mm.ops.reference import na2d_reference, random_inputs, window_indices
 
-CPU_KERNEL = pytest.param(
-    'cpu',
-    marks=pytest.mark.skipif(
-        cpu_na.unavailable_reason() is not None,
-        reason=f'compiled CPU kernel unavailable: {cpu_na.unavailable_reason()}',
-    ),
-)
+CPU_KERNEL = pytest.param('cpu', marks=pytest.mark.requires_cpu_kernel)
 BACKENDS = ['torch', CPU_KERNEL]
 # (H, W, kernel_size, dilation), with the planted element at pixel (6, 5).
 CASES = [(13, 12, 3, 1), (22, 25, (5, 3), (2, 3))]

@@ -1,37 +1,38 @@
-"""na2d's runtime fallback: an automatically chosen backend whose forward raises is replaced.
+"""na2d's runtime fallback: an automatically chosen backend that fails to compile is replaced.
 
 On CPU the automatic order is `cpu`, then `torch`; these tests make the compiled kernel's forward
-raise (as an inductor / triton compile error would on CUDA) and need the kernel to be chosen,
-so they skip where it cannot be built.
+raise (a compile error, as inductor / triton raise on CUDA, or a bug) and need the kernel chosen:
+they skip only where no C compiler exists, and fail where one does and the kernel does not build.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+import types
 from collections.abc import Iterator
 
 import pytest
 import torch
+from torch._dynamo.exc import BackendCompilerFailed
+from torch._inductor.exc import CppCompileError, InductorError
 
 import nat_mm.ops as ops
 from nat_mm.ops import functional, na2d
 from nat_mm.ops.backends import cpu_na, torch_na
 from nat_mm.ops.reference import random_inputs
 
-pytestmark = pytest.mark.skipif(
-    cpu_na.unavailable_reason() is not None,
-    reason=f'needs the compiled CPU kernel as first choice: {cpu_na.unavailable_reason()}',
-)
+pytestmark = pytest.mark.requires_cpu_kernel  # the kernel must be the first choice
 
 
 @pytest.fixture
 def failing_cpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[list, list]]:
-    """The `cpu` backend's forward raises. Yields (dtypes of its calls, log of (level, message))."""
+    """The `cpu` backend's forward fails to compile. Yields (its calls' dtypes, log entries)."""
     calls = []
 
     def fail(q, *args):
         calls.append(q.dtype)
-        raise RuntimeError('inductor failed\nlong compiler output')
+        raise InductorError(RuntimeError('inductor failed\nlong compiler output'), None)
 
     monkeypatch.setattr(cpu_na, 'forward', fail)
     monkeypatch.setattr(functional, '_failed', {})
@@ -47,6 +48,13 @@ def failing_cpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[list, list]]:
 def _inputs(dtype=torch.float32, head_dim=4):
     q, k, v, rpb = random_inputs((2, 11, 10, 2, head_dim), (3, 3), True, dtype)
     return [x.requires_grad_() for x in (q, k, v, rpb)]
+
+
+def _raise(error: Exception):
+    def forward(*args):
+        raise error
+
+    return forward
 
 
 def test_falls_back_to_the_next_backend_and_remembers(failing_cpu) -> None:
@@ -127,3 +135,50 @@ def test_validation_errors_are_not_backend_failures(failing_cpu) -> None:
     with pytest.raises(ValueError, match='kernel_size must be odd'):
         na2d(q, k, v, 4)
     assert not calls and not functional._failed
+
+
+@pytest.mark.parametrize(
+    'error',
+    [
+        BackendCompilerFailed(torch.compile, RuntimeError('no kernel'), None),
+        CppCompileError(['cc', 'na2d.c'], 'error: undeclared'),
+    ],
+    ids=['BackendCompilerFailed', 'CppCompileError'],
+)
+def test_other_compile_errors_fall_back(failing_cpu, monkeypatch, error) -> None:
+    _, log = failing_cpu
+    monkeypatch.setattr(cpu_na, 'forward', _raise(error))
+    na2d(*_inputs()[:3], 3)
+    assert ops.last_backend() == 'torch'
+    warnings = [message for level, message in log if level == logging.WARNING]
+    assert len(warnings) == 1 and type(error).__name__ in warnings[0]
+
+
+def test_triton_errors_fall_back(failing_cpu, monkeypatch) -> None:
+    class TritonError(Exception):
+        pass
+
+    class OutOfResources(TritonError):
+        pass
+
+    # A stand-in for triton, which the CPU build of torch does not bring.
+    errors = types.ModuleType('triton.errors')
+    errors.TritonError = TritonError
+    monkeypatch.setitem(sys.modules, 'triton.errors', errors)
+    monkeypatch.setattr(cpu_na, 'forward', _raise(OutOfResources('out of resource: shared memory')))
+    na2d(*_inputs()[:3], 3)
+    assert ops.last_backend() == 'torch' and len(functional._failed) == 1
+
+
+@pytest.mark.parametrize(
+    'error',
+    [IndexError('index 9 is out of bounds'), TypeError('bad'), RuntimeError('shape mismatch')],
+    ids=['IndexError', 'TypeError', 'RuntimeError'],
+)
+def test_other_errors_are_raised_not_remembered(failing_cpu, monkeypatch, error) -> None:
+    _, log = failing_cpu
+    monkeypatch.setattr(cpu_na, 'forward', _raise(error))
+    for _ in range(2):  # raised every time: the backend is not skipped later
+        with pytest.raises(type(error), match=str(error)):
+            na2d(*_inputs()[:3], 3)
+    assert not functional._failed and not log

@@ -1,15 +1,17 @@
 """A few training iterations of each demo family through the train tool, then the test tool.
 
-Tiny on purpose (2 iterations, 64 px data): checks that the configs, the NAT / DiNAT backbones,
-the datasets, nat_mm's runner and checkpoint hook and the metrics fit together on a CPU, not that
-anything is learned.
+Tiny on purpose (2 iterations, 64 px data, the second one after a resume): checks that the
+configs, the NAT / DiNAT backbones, the datasets, nat_mm's runner, checkpoint hook and resume and
+the metrics fit together on a CPU, not that anything is learned.
 """
 
 import json
 
 import pytest
+import torch
 
 from nat_mm.apis.main_job import det_overrides, seg_overrides
+from nat_mm.checkpoint import load_checkpoint
 
 ITERATIONS = 2
 
@@ -20,12 +22,25 @@ def test_short_training_then_evaluation(family, demo_data, tmp_path, call_tool, 
     overrides = {'detector': det_overrides, 'segmentor': seg_overrides}[family]
     options = ['--cfg-options', *overrides(demo_data, ITERATIONS), 'train_dataloader.batch_size=2']
     work_dir = tmp_path / 'work'
-    assert call_tool('train', [config, '--work-dir', work_dir, *options]) == 0
-    checkpoint = work_dir / f'iter_{ITERATIONS}.pth'
-    assert checkpoint.is_file()
-    assert (work_dir / 'last_checkpoint').read_text().strip() == str(checkpoint)
-    # Resuming a finished run loads its last checkpoint and trains no further.
+    # Stopped after one iteration (not validated: val_begin), then resumed for the second.
+    first = ['train_cfg.max_iters=1', f'train_cfg.val_begin={ITERATIONS}']
+    assert call_tool('train', [config, '--work-dir', work_dir, *options, *first]) == 0
+    halfway = work_dir / 'iter_1.pth'
+    halfway_bytes = halfway.read_bytes()
     assert call_tool('train', [config, '--work-dir', work_dir, '--resume', *options]) == 0
+    checkpoint = work_dir / f'iter_{ITERATIONS}.pth'
+    assert (work_dir / 'last_checkpoint').read_text().strip() == str(checkpoint)
+    logs = [path.read_text() for path in work_dir.glob('*/*.log')]
+    assert sum('resumed epoch: 0, iter: 1' in log for log in logs) == 1, 'resumed from iter 1'
+    assert halfway.read_bytes() == halfway_bytes  # not retrained from scratch and saved again
+    before, after = (load_checkpoint(path) for path in (halfway, checkpoint))
+    assert (before['meta']['iter'], after['meta']['iter']) == (1, ITERATIONS)
+    changed = [
+        name
+        for name, weight in after['state_dict'].items()
+        if weight.is_floating_point() and not torch.equal(weight, before['state_dict'][name])
+    ]
+    assert any(name.startswith('backbone.') for name in changed), 'the resumed step trained'
 
     metrics_file = tmp_path / 'metrics.json'
     argv = [config, checkpoint, '--work-dir', tmp_path / 'test', '--metrics-json', metrics_file]

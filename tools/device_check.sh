@@ -8,6 +8,9 @@
 #   bash tools/device_check.sh WHEEL_DIR OUT_DIR [--quick]
 #
 # --quick: the bf16 benchmarks only, fewer repeats (when the machine's time is short).
+# The wheels are installed into NAT_MM_SITE (kept), else into a fresh `mktemp -d` folder that is
+# removed on exit: a fixed folder under the shared temp dir, first on PYTHONPATH, would import
+# whatever modules another user planted there.
 # Each step has its own time limit, and a step that fails does not stop the others: the report
 # says what ran.
 set -uo pipefail
@@ -16,7 +19,12 @@ WHEELS=${1:?usage: device_check.sh WHEEL_DIR OUT_DIR [--quick]}
 OUT=${2:?usage: device_check.sh WHEEL_DIR OUT_DIR [--quick]}
 QUICK=${3:-}
 PY=${PYTHON:-python3}
-SITE=${NAT_MM_SITE:-/tmp/nat_mm_site}
+if [[ -n "${NAT_MM_SITE:-}" ]]; then
+    SITE=$NAT_MM_SITE
+else
+    SITE=$(mktemp -d -t nat_mm_site.XXXXXX) || { echo "error: mktemp -d failed" >&2; exit 2; }
+    trap 'rm -rf "$SITE"' EXIT
+fi
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mkdir -p "$OUT"
 log() { printf '[device_check %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
