@@ -8,6 +8,7 @@ import http.server
 import importlib
 import importlib.metadata
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import torch
 
 from nat_mm.apis import build_model, load_config
 from nat_mm.apis.main_job import det_overrides
-from nat_mm.checkpoint import download_checkpoint, load_checkpoint
+from nat_mm.checkpoint import download, download_checkpoint, load_checkpoint
 from nat_mm.checkpoint.download import cached_download_path, file_sha256
 from nat_mm.errors import NatMMError
 
@@ -77,6 +78,28 @@ def test_sha256_is_checked_and_a_bad_download_removed(counting_server, tmp_path)
         load_checkpoint(root / 'x.pth', sha256='xyz')
     with pytest.raises(NatMMError, match='expected 00000000'):
         load_checkpoint(root / 'x.pth', sha256='00000000')  # local files are checked too
+
+
+def test_a_short_sha256_prefix_warns_once_per_check(tmp_path, monkeypatch):
+    path = tmp_path / 'x.pth'
+    torch.save({'w': torch.zeros(2)}, path)
+    digest = file_sha256(str(path))
+    log = []
+    monkeypatch.setattr(
+        download,
+        'print_log',
+        lambda message, logger, level=logging.INFO: log.append((level, message)),
+    )
+    for digits, warnings in ((8, 1), (15, 1), (16, 0), (64, 0)):
+        log.clear()
+        assert load_checkpoint(path, sha256=digest[:digits])['w'].shape == (2,)
+        assert [level for level, _ in log] == [logging.WARNING] * warnings, digits
+    log.clear()
+    with pytest.raises(NatMMError, match='expected 00000000'):
+        load_checkpoint(path, sha256='00000000')
+    ((level, message),) = log  # a mismatch warns too: the prefix was too short either way
+    assert level == logging.WARNING and 'integrity' in message and 'all 64 digits' in message
+    assert str(path) in message
 
 
 def test_a_failed_download_is_an_error_naming_the_url(counting_server):

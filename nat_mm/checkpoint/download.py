@@ -8,6 +8,7 @@ run rank 0 downloads while the other ranks wait at a barrier, then everyone read
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import tempfile
@@ -20,6 +21,8 @@ from mmengine.logging import print_log
 from nat_mm.errors import NatMMError
 
 _HEX_DIGEST = re.compile(r'[0-9a-fA-F]{8,64}')
+# Below 16 hex digits (64 bits) one machine can forge a file whose hash starts with the prefix.
+_SAFE_PREFIX_DIGITS = 16
 
 
 def cached_download_path(url: str) -> str:
@@ -56,9 +59,20 @@ def _fetch(url: str, path: str) -> None:
 
 
 def check_sha256(path: str, sha256: str) -> None:
-    """Raises NatMMError unless the file's SHA-256 starts with ``sha256`` (8 to 64 hex digits)."""
+    """Raises NatMMError unless the file's SHA-256 starts with ``sha256`` (8 to 64 hex digits).
+
+    A prefix of fewer than 16 digits is logged as a WARNING: it catches a corrupted file, not one
+    a hostile host made to match it.
+    """
     if not _HEX_DIGEST.fullmatch(sha256):
         raise NatMMError(f'sha256 must be 8 to 64 hex digits, got {sha256!r}', 'sha256')
+    if len(sha256) < _SAFE_PREFIX_DIGITS:
+        print_log(
+            f'sha256={sha256!r} is a prefix of {len(sha256)} hex digits: it checks the integrity '
+            f'of {path}, not that a hostile host did not forge it; give all 64 digits for that',
+            logger='current',
+            level=logging.WARNING,
+        )
     actual = file_sha256(path)
     if not actual.startswith(sha256.lower()):
         raise NatMMError(f'the checkpoint has SHA-256 {actual}, expected {sha256}', path)
@@ -69,8 +83,8 @@ def download_checkpoint(url: str, sha256: str | None = None) -> str:
 
     Args:
         url: ``http(s)://`` address of a checkpoint file.
-        sha256: Expected hex SHA-256 of the file (a prefix of at least 8 characters is enough),
-            or None to skip the check.
+        sha256: Expected hex SHA-256 of the file, or None to skip the check. A prefix of at
+            least 8 digits checks integrity; against a hostile host give all 64.
 
     Returns:
         The path of the cached file.

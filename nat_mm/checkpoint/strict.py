@@ -163,8 +163,10 @@ def load_backbone_checkpoint(
     """Loads a checkpoint of any recognised layout into a NAT / DiNAT backbone, strictly.
 
     Classifier keys (``head.*``, ``norm.*``) and, in downstream checkpoints, the other parts of the
-    model (neck, heads) are ignored and logged. Output norms (``norm{i}``) of stages the file has
-    none of (ImageNet checkpoints) keep their initialisation, as upstream.
+    model (neck, heads) are ignored and logged. So are, each by name, the keys under the model's
+    ``pruned_prefixes`` (the stages after the last of ``out_indices``, which it does not build).
+    Output norms (``norm{i}``) of stages the file has none of (ImageNet checkpoints) keep their
+    initialisation, as upstream.
 
     Args:
         model: The backbone.
@@ -183,6 +185,15 @@ def load_backbone_checkpoint(
     expected = model.state_dict()
     ignored = dropped + sorted(key for key in state_dict if _is_classifier_key(key))
     state_dict = {k: v for k, v in state_dict.items() if not _is_classifier_key(k)}
+    pruned_prefixes = tuple(getattr(model, 'pruned_prefixes', ()))
+    pruned = sorted(key for key in state_dict if key.startswith(pruned_prefixes))
+    if pruned:
+        print_log(
+            f'{type(model).__name__} does not build {", ".join(p + "*" for p in pruned_prefixes)}'
+            f' (out_indices): ignored their {len(pruned)} keys {pruned}',
+            logger='current',
+        )
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(pruned_prefixes)}
     _resize_rpb_tables(state_dict, expected)
     file_has_output_norms = any(_OUTPUT_NORM.match(key) for key in state_dict)
     # Output norms of stages the backbone does not return are ignored too.

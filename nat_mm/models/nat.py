@@ -163,9 +163,12 @@ class NAT(BaseModule):
         drop_path_rate: Stochastic depth, increasing linearly from 0 over all layers.
         attn_drop_rate: Must be 0: neighborhood attention has no attention-probability dropout.
         drop_rate: Dropout after the attention projection and in the MLP.
-        out_indices: Stages whose (normalized) output is returned, strictly increasing.
+        out_indices: Stages whose (normalized) output is returned, strictly increasing. Stages
+            after the last one are not built, nor the last one's downsampler (as timm's
+            ``features_only``): they would get no gradient, which DDP with
+            ``find_unused_parameters=False`` rejects. See :attr:`pruned_prefixes`.
         frozen_stages: -1 freezes nothing, 0 the patch embedding, i >= 1 also stages 0..i-1 with
-            their downsamplers and output norms.
+            their downsamplers and output norms (those that are built).
         with_cp: Gradient checkpointing per layer (same outputs and gradients, less memory).
         attn_backend: ``nat_mm.ops.na2d`` backend ('cpu', 'torch', 'flex', 'natten') or None (auto).
         in_channels: Image channels.
@@ -177,6 +180,8 @@ class NAT(BaseModule):
     Attributes:
         out_channels: Channels of each returned map.
         strides: Stride of each returned map w.r.t. the input.
+        pruned_prefixes: State-dict key prefixes of the parts of the architecture that
+            ``out_indices`` leaves unbuilt; loading a full checkpoint ignores (and logs) them.
     """
 
     arch_settings: dict[str, ArchSpec] = NAT_ARCHS
@@ -255,11 +260,16 @@ class NAT(BaseModule):
         self.num_features = tuple(spec.embed_dim * 2**i for i in range(num_stages))
         self.out_channels = tuple(self.num_features[i] for i in out_indices)
         self.strides = tuple(4 * 2**i for i in out_indices)
+        last = out_indices[-1]
+        self.pruned_prefixes = (f'levels.{last}.downsample.',) if last < num_stages - 1 else ()
+        for i in range(last + 1, num_stages):
+            self.pruned_prefixes += (f'levels.{i}.', f'norm{i}.')
 
         self.patch_embed = ConvTokenizer(in_channels, spec.embed_dim)
+        # Over all stages of the architecture: the built ones keep the rates of the full model.
         rates = torch.linspace(0, drop_path_rate, sum(spec.depths), device='cpu').tolist()
         self.levels = nn.ModuleList()
-        for i, dim in enumerate(self.num_features):
+        for i, dim in enumerate(self.num_features[: last + 1]):
             first = sum(spec.depths[:i])
             blocks = [
                 NATLayer(
@@ -278,7 +288,7 @@ class NAT(BaseModule):
                 )
                 for j, dilation in enumerate(stage_dilations[i])
             ]
-            downsample = ConvDownsampler(dim) if i < num_stages - 1 else None
+            downsample = ConvDownsampler(dim) if i < last else None
             self.levels.append(NATStage(blocks, downsample, with_cp))
         # Output norms exist only for returned stages, as in the upstream detection backbone.
         for i in out_indices:
@@ -289,7 +299,7 @@ class NAT(BaseModule):
 
     def _freeze_stages(self) -> None:
         frozen_modules = [self.patch_embed] if self.frozen_stages >= 0 else []
-        for i in range(max(self.frozen_stages, 0)):
+        for i in range(min(max(self.frozen_stages, 0), len(self.levels))):
             frozen_modules.append(self.levels[i])
             if i in self.out_indices:
                 frozen_modules.append(getattr(self, f'norm{i}'))
@@ -336,8 +346,6 @@ class NAT(BaseModule):
             stage_out, x = level(x)
             if i in self.out_indices:
                 outs.append(getattr(self, f'norm{i}')(stage_out).permute(0, 3, 1, 2).contiguous())
-            if i == self.out_indices[-1]:
-                break  # later stages feed no output: skip their compute
         return tuple(outs)
 
 

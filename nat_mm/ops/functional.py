@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import numbers
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -20,9 +21,28 @@ from .traced import TracedNeighborhoodAttention2D
 _default_backend: str | None = None
 _last_backend: str | None = None
 _logged_choices: set[tuple[str, str, tuple[tuple[str, str], ...]]] = set()
-# Automatically chosen backends whose forward raised, per configuration (see `_configuration`):
-# the reason. Later calls of that configuration skip them without retrying.
+# Automatically chosen backends whose forward failed to compile, per configuration (see
+# `_configuration`): the reason. Later calls of that configuration skip them without retrying.
 _failed: dict[tuple[object, ...], str] = {}
+# (module, class) of the errors na2d falls back on: a compiler that cannot build this
+# configuration's kernel. Any other error is a bug and must not become a silent slowdown.
+_COMPILE_ERRORS: tuple[tuple[str, str], ...] = (
+    ('torch._dynamo.exc', 'BackendCompilerFailed'),  # and inductor's InductorError
+    ('torch._dynamo.exc', 'Unsupported'),
+    ('torch._dynamo.exc', 'InternalTorchDynamoError'),
+    ('torch._inductor.exc', 'OperatorIssue'),  # LoweringException, MissingOperator*
+    ('torch._inductor.exc', 'SubgraphLoweringException'),
+    ('torch._inductor.exc', 'InvalidCxxCompiler'),
+    ('torch._inductor.exc', 'CppWrapperCodegenError'),
+    ('torch._inductor.exc', 'CppCompileError'),  # and CUDACompileError
+    ('torch._inductor.exc', 'TritonMissing'),
+    ('torch._inductor.exc', 'GPUTooOldForTriton'),
+    ('torch._inductor.select_algorithm', 'NoValidChoicesError'),
+    ('torch._inductor.runtime.triton_heuristics', 'NoTritonConfigsError'),
+    ('triton.errors', 'TritonError'),  # CompilationError, OutOfResources, ... (triton >= 3.2)
+    ('triton.compiler.errors', 'CompilationError'),
+    ('triton.runtime.errors', 'OutOfResources'),
+)
 
 
 def na2d(
@@ -43,12 +63,13 @@ def na2d(
     empty output whose backward gives empty gradients to q, k, v and zeros to rpb.
 
     Automatic choice: the best capable backend in the device's priority order (README.md's
-    backend table). If its forward raises (a compile error of inductor / triton, a head_dim the
-    GPU's kernels do not take, ...), na2d logs the reason once as a WARNING, remembers the failure
-    for that configuration (backend, device type, dtype, head_dim, RPB or not, gradients or not)
-    and runs the next capable backend, now and on later calls. Out-of-memory errors are raised
-    instead: they depend on the size, not on the configuration. An error in a backward cannot be
-    caught at forward time: it is raised. A forced backend never falls back.
+    backend table). If its forward fails to compile (a dynamo / inductor / triton error, e.g. a
+    head_dim the GPU's shared memory does not take: `_COMPILE_ERRORS`), na2d logs the reason once
+    as a WARNING, remembers the failure for that configuration (backend, device type, dtype,
+    head_dim, RPB or not, gradients or not) and runs the next capable backend, now and on later
+    calls. Any other error is raised: out of memory (it depends on the size, not on the
+    configuration) and a backend's bug alike. An error in a backward cannot be caught at forward
+    time: it is raised. A forced backend never falls back.
 
     Args:
         q, k, v: [B, H, W, heads, head_dim], same dtype and device.
@@ -86,9 +107,9 @@ def na2d(
     for position, name in enumerate(names[:-1]):
         try:
             out = _run(name, q, k, v, kernel, dil, rpb, scale)
-        except torch.OutOfMemoryError:
-            raise
         except Exception as error:
+            if not _is_compile_error(error):
+                raise
             skipped[name] = _remember_failure(name, names[position + 1], configuration, error)
             continue
         _chosen(name, q, skipped)
@@ -147,6 +168,18 @@ def _configuration(
     tensors = (q, k, v) if rpb is None else (q, k, v, rpb)
     needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
     return q.device.type, q.dtype, q.shape[-1], rpb is not None, needs_grad
+
+
+def _is_compile_error(error: Exception) -> bool:
+    """Whether `error` is one of `_COMPILE_ERRORS`: a failure to fall back on."""
+    # Looked up among loaded modules only: an error class is loaded if it was raised, and a CPU
+    # run must not import inductor or triton just to rule them out.
+    classes = tuple(
+        error_class
+        for module, name in _COMPILE_ERRORS
+        if isinstance(error_class := getattr(sys.modules.get(module), name, None), type)
+    )
+    return isinstance(error, classes)
 
 
 def _remember_failure(

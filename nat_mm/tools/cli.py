@@ -47,7 +47,9 @@ def add_trust(parser: argparse.ArgumentParser) -> None:
 
 def add_sha256(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        '--sha256', help="the checkpoint's expected SHA-256 (8 to 64 leading hex digits)"
+        '--sha256',
+        help="the checkpoint's expected SHA-256 (8 to 64 leading hex digits): a prefix checks "
+        'integrity, against a hostile host give all 64 (under 16 warns)',
     )
 
 

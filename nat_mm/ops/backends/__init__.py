@@ -23,7 +23,7 @@ BACKENDS: dict[str, ModuleType] = {
 # docs/neighborhood-attention.md section 4) beat Flex, which beats the tiled torch path. On CPU the
 # compiled kernel (float32 / float64 / bfloat16 / float16) beats the tiled torch path; NATTEN and
 # Flex are forward-only or slower there (they can still be forced). A backend whose forward
-# raises is skipped (`nat_mm.ops.na2d`).
+# fails to compile is skipped (`nat_mm.ops.na2d`).
 AUTO_PRIORITY: dict[str, tuple[str, ...]] = {
     'cuda': ('natten', 'flex', 'torch'),
     'cpu': ('cpu', 'torch'),
