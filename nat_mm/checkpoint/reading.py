@@ -4,37 +4,46 @@ Every nat_mm path that reads a checkpoint (backbone ``init_cfg``, the runner's `
 ``--resume``, the tools) goes through :func:`load_checkpoint`:
 
 - ``.safetensors`` files hold tensors only and are read with safetensors.
-- Everything else is unpickled by a restricted unpickler (``torch.load`` with nat_mm's own
-  ``pickle_module``): it builds only the globals of :data:`ALLOWED_GLOBALS` and refuses any
-  other before the object is built, so a file cannot run code. The list is what torch's own
-  ``weights_only=True`` loads for tensors, plus what nat_mm's, mmengine's and the published
-  NAT / DiNAT checkpoints hold (docs/checkpoints.md has the list and why each entry is safe).
-  It is the same on every torch version: nothing depends on torch's changing defaults, and
-  nothing global (torch's safe globals, mmengine's loaders) is touched.
+- zip-format torch files (everything ``torch.save`` has written since torch 1.6) are read by
+  torch's weights-only unpickler, with the user allowlist replaced by nat_mm's inert records for
+  numpy, mmengine's ``HistoryBuffer`` and ``argparse.Namespace``, validated and built after
+  unpickling (:mod:`nat_mm.checkpoint.unpickling`; docs/checkpoints.md has the list and why each
+  entry cannot be abused).
+- legacy (non-zip) torch files are refused: torch's reader for them looks up and may write
+  source files for the classes a file names, so only ``trust`` reads them.
 - ``trust=True`` (``--trust-checkpoint`` on the tools) unpickles with the full pickle module, for
   old checkpoints the user trusts; it is never implied.
 """
 
 from __future__ import annotations
 
-import _compat_pickle
-import argparse
-import codecs
-import collections
-import functools
 import os
 import pickle
-import types
-from collections.abc import Callable
-from typing import Any, ClassVar
+import re
+from typing import Any
 
 import safetensors
 import safetensors.torch
 import torch
-import torch._utils
+import torch.serialization
 from mmengine.logging import print_log
 
+from nat_mm.checkpoint.unpickling import (
+    RefusedRecord,
+    allowed_global_names,
+    materialize,
+    only_nat_mm_safe_globals,
+)
 from nat_mm.errors import NatMMError
+
+__all__ = [
+    'HF_WEIGHT_FILES',
+    'TRUST_HINT',
+    'UnsafeCheckpointError',
+    'allowed_global_names',
+    'load_checkpoint',
+    'resolve_checkpoint_path',
+]
 
 HF_WEIGHT_FILES = ('model.safetensors', 'pytorch_model.bin')
 TRUST_HINT = (
@@ -42,135 +51,11 @@ TRUST_HINT = (
     "init_cfg=dict(type='Pretrained', checkpoint=..., trust=True) (backbones), "
     'trust_checkpoint=True (configs run by nat_mm) or trust=True (nat_mm.checkpoint)'
 )
+FORCE_WEIGHTS_ONLY = 'TORCH_FORCE_WEIGHTS_ONLY_LOAD'
 
 
 class UnsafeCheckpointError(NatMMError, pickle.UnpicklingError):
-    """A checkpoint needs a global the restricted unpickler does not build."""
-
-
-# ----------------------------------------------------------------------------- the allowlist
-
-
-def _history_buffer_statistic(owner: object, name: str) -> Callable:
-    """``getattr`` as mmengine's checkpoints use it, and only that way.
-
-    mmengine's ``HistoryBuffer`` keeps its statistics methods in a dict that pickles (protocol 2)
-    as ``getattr(HistoryBuffer, 'min')``; a general ``getattr`` would reach any attribute of any
-    object the file builds.
-    """
-    from mmengine.logging.history_buffer import HistoryBuffer
-
-    # The class fills _statistics_methods in __init__, which unpickling does not call.
-    statistics = {'min', 'max', 'current', 'mean', *HistoryBuffer._statistics_methods}
-    if owner is not HistoryBuffer or name not in statistics:
-        raise UnsafeCheckpointError(
-            f'refusing getattr({owner!r}, {name!r}): only the statistics methods of '
-            f"mmengine's HistoryBuffer are allowed"
-        )
-    return getattr(HistoryBuffer, name)
-
-
-def _latin1_encode(text: str, encoding: str = 'utf-8') -> bytes:
-    """``_codecs.encode`` as pickle protocol 2 writes bytes: ``encode(str, 'latin1')``."""
-    if codecs.lookup(encoding).name not in ('latin-1', 'iso8859-1'):
-        raise UnsafeCheckpointError(f'refusing _codecs.encode with encoding {encoding!r}')
-    return codecs.encode(text, encoding)
-
-
-def _numpy_globals() -> dict[str, Any]:
-    """numpy arrays and scalars (mmengine's message hub); module names of numpy 1 and 2."""
-    import numpy as np
-
-    try:
-        from numpy._core import multiarray
-    except ImportError:  # numpy < 1.26
-        from numpy.core import multiarray
-
-    entries = {'numpy.ndarray': np.ndarray, 'numpy.dtype': np.dtype}
-    # Files written with numpy 1 name numpy.core, with numpy 2 numpy._core: the same functions.
-    for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
-        entries[f'{module}._reconstruct'] = multiarray._reconstruct
-        entries[f'{module}.scalar'] = multiarray.scalar
-    # numpy >= 1.25 may name dtype classes (numpy.dtypes.Float64DType) instead of numpy.dtype.
-    dtypes = getattr(np, 'dtypes', None)
-    for name in dir(dtypes) if dtypes is not None else ():
-        if name.endswith('DType'):
-            entries[f'numpy.dtypes.{name}'] = getattr(dtypes, name)
-    return entries
-
-
-def _tensor_globals() -> dict[str, Any]:
-    """What torch.save writes for dense tensors, parameters, sizes, devices and dtypes."""
-    entries: dict[str, Any] = {
-        f'torch._utils.{name}': getattr(torch._utils, name)
-        for name in (
-            '_rebuild_tensor',
-            '_rebuild_tensor_v2',
-            '_rebuild_tensor_v3',
-            '_rebuild_parameter',
-            '_rebuild_parameter_with_state',
-        )
-        if hasattr(torch._utils, name)  # _rebuild_tensor_v3 appeared in torch 2.1
-    }
-    entries['torch.Size'] = torch.Size
-    entries['torch.device'] = torch.device
-    for name, value in vars(torch).items():
-        if isinstance(value, torch.dtype):
-            entries[f'torch.{name}'] = value
-    return entries
-
-
-def _allowed_globals() -> dict[str, Any]:
-    from mmengine.logging.history_buffer import HistoryBuffer
-
-    return {
-        **_tensor_globals(),
-        **_numpy_globals(),
-        'collections.OrderedDict': collections.OrderedDict,
-        'builtins.set': set,
-        'builtins.frozenset': frozenset,
-        'builtins.slice': slice,
-        'builtins.complex': complex,
-        'builtins.bytearray': bytearray,
-        'builtins.getattr': _history_buffer_statistic,
-        '_codecs.encode': _latin1_encode,
-        'mmengine.logging.history_buffer.HistoryBuffer': HistoryBuffer,
-        # timm / the original classification training scripts save their arguments.
-        'argparse.Namespace': argparse.Namespace,
-    }
-
-
-def allowed_global_names() -> list[str]:
-    """The names the restricted unpickler builds, sorted (for docs and error messages)."""
-    return sorted(_allowed_globals())
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` whose ``find_class`` returns only allowlisted globals."""
-
-    _allowed: ClassVar[dict[str, Any]] = {}
-
-    def find_class(self, module: str, name: str) -> Any:
-        # Protocol 2 files name Python 2 modules (__builtin__, copy_reg); map them as pickle does.
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        found = self._allowed.get(f'{module}.{name}')
-        if found is None:
-            raise UnsafeCheckpointError(f'the file needs the global {module}.{name}')
-        return found
-
-
-@functools.cache
-def _restricted_pickle_module() -> types.ModuleType:
-    """A stand-in for the ``pickle`` module that torch.load uses to unpickle."""
-    allowed = {'_allowed': _allowed_globals()}
-    unpickler = type('RestrictedUnpickler', (_RestrictedUnpickler,), allowed)
-    module = types.ModuleType('nat_mm_restricted_pickle')
-    module.Unpickler = unpickler
-    module.load = lambda file, **options: unpickler(file, **options).load()
-    module.UnpicklingError = pickle.UnpicklingError
-    return module
+    """A checkpoint needs something the safe loader does not build."""
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -236,28 +121,80 @@ def load_checkpoint(
         NatMMError: The file is missing, empty or unreadable.
     """
     path = resolve_checkpoint_path(source, sha256)
-    try:
-        if path.endswith('.safetensors'):
-            device = map_location if isinstance(map_location, str) else 'cpu'
+    if path.endswith('.safetensors'):
+        device = map_location if isinstance(map_location, str) else 'cpu'
+        try:
             return safetensors.torch.load_file(path, device=device)
-        if trust:
-            print_log(f'Unpickling {path} with the full pickle module (trusted)', logger='current')
-            return torch.load(path, map_location=map_location, weights_only=False)
-        return torch.load(
-            path,
-            map_location=map_location,
-            weights_only=False,  # the restricted pickle module below is what keeps it safe
-            pickle_module=_restricted_pickle_module(),
-        )
-    except UnsafeCheckpointError as error:
-        raise UnsafeCheckpointError(
-            f'refusing to unpickle the checkpoint: {error.what}, which nat_mm does not build '
-            f'because loading it could run code from the file; {TRUST_HINT}',
-            source,
-        ) from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError,
-            safetensors.SafetensorError) as error:  # fmt: skip
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ''
-        raise NatMMError(
-            f'cannot read the checkpoint: {type(error).__name__}: {first_line}', source
-        ) from error
+        except (safetensors.SafetensorError, OSError, ValueError) as error:
+            raise _unreadable(error, source) from error
+    if trust:
+        return _load_trusted(path, map_location, source)
+    with open(path, 'rb') as file:  # one open file: what is checked is what is read
+        if not torch.serialization._is_zipfile(file):
+            if file.read(1) != pickle.PROTO:  # a legacy file starts with a pickle
+                raise NatMMError(
+                    'cannot read the checkpoint: neither a torch file (zip or legacy) nor '
+                    'safetensors',
+                    source,
+                )
+            raise UnsafeCheckpointError(
+                'refusing to unpickle the checkpoint: it is a legacy (non-zip) torch file, '
+                'whose reader can look up and write source files for the classes it names; '
+                f're-save it with torch.save after loading it trusted; {TRUST_HINT}',
+                source,
+            )
+        try:
+            with only_nat_mm_safe_globals():
+                loaded = torch.load(file, map_location=map_location, weights_only=True, mmap=False)
+            return materialize(loaded)
+        except RefusedRecord as error:
+            raise _refused(str(error), source) from None
+        except pickle.UnpicklingError as error:
+            raise _refused(_weights_only_reason(str(error)), source) from None
+        except Exception as error:
+            # A malformed or hostile file makes torch or an allowlisted function raise anything
+            # (an assert for a persistent id that is no tuple, LookupError from _codecs.encode, a
+            # missing memo entry, ...): it is unreadable, and nothing it asked for was built.
+            raise _unreadable(error, source) from error
+
+
+def _load_trusted(path: str, map_location: Any, source: str | os.PathLike) -> Any:
+    print_log(f'Unpickling {path} with the full pickle module (trusted)', logger='current')
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except pickle.UnpicklingError as error:
+        if os.environ.get(FORCE_WEIGHTS_ONLY, '0').lower() in ('1', 'y', 'yes', 'true'):
+            raise NatMMError(
+                f'{FORCE_WEIGHTS_ONLY} is set in the environment, so torch reads even a trusted '
+                f'file weights-only, and this one needs more: '
+                f'{_weights_only_reason(str(error))}; unset it to load the file trusted',
+                source,
+            ) from None
+        raise _unreadable(error, source) from error
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise _unreadable(error, source) from error
+
+
+def _weights_only_reason(message: str) -> str:
+    """What torch's weights-only unpickler refused, from its long message."""
+    found = re.search(r'GLOBAL (\S+) was not an allowed global', message)
+    if found:
+        return f'the file needs the global {found.group(1)}'
+    found = re.search(r'whose module (\S+) is blocked', message)
+    if found:
+        return f'the file needs the module {found.group(1)}'
+    inner = message.split('WeightsUnpickler error: ', 1)[-1].strip()
+    return f"the file asks for what torch's weights-only unpickler refuses: {inner.splitlines()[0]}"
+
+
+def _refused(reason: str, source: str | os.PathLike) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f'refusing to unpickle the checkpoint: {reason}, which nat_mm does not build '
+        f'because loading it could run code from the file; {TRUST_HINT}',
+        source,
+    )
+
+
+def _unreadable(error: BaseException, source: str | os.PathLike) -> NatMMError:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ''
+    return NatMMError(f'cannot read the checkpoint: {type(error).__name__}: {first_line}', source)
