@@ -707,6 +707,7 @@ def test_a_namespace_with_non_string_names_is_refused(guarded, tmp_path):
 def test_the_process_safe_globals_neither_widen_nor_change(guarded, tmp_path):
     path = tmp_path / 'timedelta.pth'
     torch.save({'d': datetime.timedelta(days=1)}, path)
+    process_list = torch.serialization.get_safe_globals()
     torch.serialization.add_safe_globals([datetime.timedelta])
     try:
         before = torch.serialization.get_safe_globals()
@@ -714,9 +715,10 @@ def test_the_process_safe_globals_neither_widen_nor_change(guarded, tmp_path):
         # nat_mm's allowlist is its own: what the process added is not accepted ...
         assert 'datetime.timedelta' in refused(guarded(lambda: load_checkpoint(path)))
         # ... and is still there afterwards
-        assert torch.serialization.get_safe_globals() == before
+        assert sorted(map(str, torch.serialization.get_safe_globals())) == sorted(map(str, before))
     finally:
         torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(process_list)
 
 
 # ----------------------------------------------------------------------------- real checkpoints
@@ -836,3 +838,113 @@ def test_the_hand_written_pickles_are_what_they_claim(tmp_path):
     path = tmp_path / 'legacy.pth'
     write_legacy(path, Op.program(Op.dict(w=Op.int(5))))
     assert torch.load(path, weights_only=False) == {'w': 5}
+
+
+# ----------------------------------------------------------------------------- found by review
+
+
+def storage(key: str, numel: int, kind: str = 'torch.FloatStorage') -> bytes:
+    pid = Op.tuple(Op.str('storage'), Op.glob(kind), Op.str(key), Op.str('cpu'), Op.int(numel))
+    return Op.persistent(pid)
+
+
+def dense(key: str, numel: int, kind: str = 'torch.FloatStorage', hooks: bytes = b'') -> bytes:
+    """``_rebuild_tensor_v2`` of a 1-D tensor, as torch.save writes one."""
+    return Op.call(
+        Op.glob('torch._utils._rebuild_tensor_v2'),
+        storage(key, numel, kind),
+        Op.int(0),
+        Op.tuple(Op.int(numel)),
+        Op.tuple(Op.int(1)),
+        b'\x89',
+        hooks or Op.call(Op.glob('collections.OrderedDict')),
+    )
+
+
+REFUSED_DTYPE = Op.call(Op.glob('numpy.dtype'), Op.str('O8'), b'\x89', Op.TRUE)
+
+
+@pytest.mark.parametrize('kind', ['collections.OrderedDict', 'collections.Counter'])
+def test_a_container_cannot_hide_its_contents_behind_instance_attributes(kind, guarded, tmp_path):
+    # BUILD on an OrderedDict / Counter sets instance attributes: `items` / `clear` = set would
+    # hide the contents from validation, and the refused dtype record would come back raw.
+    container = Op.call(Op.glob(kind)) + Op.str('dtype') + REFUSED_DTYPE + b's'
+    hidden = Op.build(
+        container, Op.dict(items=Op.glob('builtins.set'), clear=Op.glob('builtins.set'))
+    )
+    path = write_zip(tmp_path / 'hidden.pth', Op.program(Op.dict(state_dict=hidden)))
+    assert "attributes ['clear', 'items']" in refused(guarded(lambda: load_checkpoint(path)))
+
+
+@pytest.mark.parametrize('where', ['attributes', 'hooks', 'parameter-state'])
+def test_tensors_carry_no_attributes_or_hooks(where, guarded, tmp_path):
+    records = {'data/0': struct.pack('<4f', 1, 2, 3, 4)}
+    if where == 'attributes':  # _rebuild_from_type_v2's state becomes tensor attributes
+        args = Op.tuple(storage('0', 4), Op.int(0), Op.tuple(Op.int(4)), Op.tuple(Op.int(1)),
+                        b'\x89', Op.call(Op.glob('collections.OrderedDict')))  # fmt: skip
+        tensor = Op.call(Op.glob('torch._tensor._rebuild_from_type_v2'),
+                         Op.glob('torch._utils._rebuild_tensor_v2'), Op.glob('torch.Tensor'),
+                         args, Op.dict(payload=REFUSED_DTYPE))  # fmt: skip
+    else:  # backward hooks run on backward(); a Parameter's state becomes attributes too
+        hooks = Op.call(Op.glob('collections.OrderedDict'),
+                        Op.list(Op.tuple(Op.int(0), Op.glob('builtins.complex'))))  # fmt: skip
+        tensor = dense('0', 4, hooks=hooks)
+        if where == 'parameter-state':
+            tensor = Op.call(Op.glob('torch._utils._rebuild_parameter_with_state'), dense('0', 4),
+                             Op.TRUE, Op.call(Op.glob('collections.OrderedDict')),
+                             Op.dict(hidden=REFUSED_DTYPE))  # fmt: skip
+    path = write_zip(tmp_path / 'tensor.pth', Op.program(Op.dict(w=tensor)), records)
+    message = refused(guarded(lambda: load_checkpoint(path)))
+    assert ('backward hooks' in message) == (where == 'hooks'), message
+
+
+def test_a_sparse_tensor_with_indices_out_of_bounds_is_refused(guarded, tmp_path):
+    # torch validates loaded sparse tensors only with its (default off) invariant check; an index
+    # past the size writes out of bounds when the tensor is densified (to_dense, copy_).
+    records = {'data/0': struct.pack('<q', 1 << 28), 'data/1': struct.pack('<f', 1234.5)}
+    long_storage = storage('0', 1, 'torch.LongStorage')
+    indices = Op.call(Op.glob('torch._utils._rebuild_tensor_v2'), long_storage,
+                      Op.int(0), Op.tuple(Op.int(1), Op.int(1)), Op.tuple(Op.int(1), Op.int(1)),
+                      b'\x89', Op.call(Op.glob('collections.OrderedDict')))  # fmt: skip
+    layout = Op.call(Op.glob('torch.serialization._get_layout'), Op.str('torch.sparse_coo'))
+    sparse = Op.call(Op.glob('torch._utils._rebuild_sparse_tensor'), layout,
+                     Op.tuple(indices, dense('1', 1), Op.tuple(Op.int(4))))  # fmt: skip
+    path = write_zip(tmp_path / 'sparse.pth', Op.program(Op.dict(w=sparse)), records)
+    outcome = guarded(lambda: load_checkpoint(path))
+    assert isinstance(outcome, NatMMError) and 'index' in str(outcome).lower(), outcome
+    assert not torch.sparse.check_sparse_tensor_invariants.is_enabled()  # restored
+
+
+def test_a_benign_sparse_tensor_is_refused_too(tmp_path):
+    torch.save({'w': torch.eye(3).to_sparse()}, tmp_path / 'sparse.pth')
+    with pytest.raises(UnsafeCheckpointError, match=r'torch\.sparse_coo tensor'):
+        load_checkpoint(tmp_path / 'sparse.pth')
+
+
+def test_safe_globals_added_by_another_thread_during_a_load(tmp_path, monkeypatch):
+    """What another thread adds meanwhile is kept, and that load is refused (it may have read
+    more than nat_mm allows)."""
+    torch.save({'w': torch.ones(1)}, tmp_path / 'benign.pth')
+    real_load = torch.load
+
+    def load_while_another_thread_adds(*args, **kwargs):
+        torch.serialization.add_safe_globals([datetime.date])
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, 'load', load_while_another_thread_adds)
+    before = torch.serialization.get_safe_globals()  # torch registers some on import
+    try:
+        with pytest.raises(UnsafeCheckpointError, match='another thread'):
+            load_checkpoint(tmp_path / 'benign.pth')
+        after = torch.serialization.get_safe_globals()
+        assert sorted(map(str, after)) == sorted(map(str, [*before, datetime.date]))
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+
+
+def test_a_refused_load_leaves_torch_map_location_as_it_was(tmp_path):
+    path = write_zip(tmp_path / 'bad.pth', Op.program(Op.glob('posix.system')))
+    before = getattr(torch.serialization._serialization_tls, 'map_location', None)
+    refused(run_guarded(lambda: load_checkpoint(path), tmp_path))
+    assert getattr(torch.serialization._serialization_tls, 'map_location', None) == before

@@ -174,28 +174,57 @@ def only_nat_mm_safe_globals() -> Iterator[None]:
 
     ``torch.serialization.safe_globals`` would add ours to whatever the process has added: a
     name added twice resolves to either object. The list is swapped instead (under a lock, since
-    it is process-wide) and the process's own list is restored afterwards.
+    it is process-wide) and the process's own list is restored afterwards, with what other
+    threads added meanwhile; a load during which the list changed is refused. torch's sparse
+    invariant check is on during the load (a second line: sparse tensors are refused anyway).
+    The swap is process-wide: a plain ``torch.load(weights_only=True)`` running in another thread
+    at the same moment sees nat_mm's list.
     """
-    with _SAFE_GLOBALS_LOCK:
+    ours = set(EXTRA_GLOBALS)
+    with _SAFE_GLOBALS_LOCK, torch.sparse.check_sparse_tensor_invariants():
         before = torch.serialization.get_safe_globals()
         pending_sparse = len(torch._utils._sparse_tensors_to_validate)
+        tls = torch.serialization._serialization_tls
+        map_location = getattr(tls, 'map_location', None)
         torch.serialization.clear_safe_globals()
         torch.serialization.add_safe_globals(list(EXTRA_GLOBALS))
         try:
             yield
+            during = set(torch.serialization.get_safe_globals())
         finally:
+            # What another thread added meanwhile is kept (and nothing of ours stays).
+            added = set(torch.serialization.get_safe_globals()) - ours
             torch.serialization.clear_safe_globals()
-            torch.serialization.add_safe_globals(before)
+            torch.serialization.add_safe_globals([*before, *added])
             # torch queues sparse tensors for validation at the end of a load; a load that
             # failed before the end leaves them queued, and the next load would validate (and
             # fail on) them: a refused file must not make a later, benign one fail.
             del torch._utils._sparse_tensors_to_validate[pending_sparse:]
+            tls.map_location = map_location  # torch resets it only after a load that succeeded
+        if during != ours:
+            raise RefusedRecord(
+                'torch.serialization.add_safe_globals was called by another thread during the '
+                'load, so it may have read more than nat_mm allows; load the file again'
+            )
 
 
 # ----------------------------------------------------------------------------- materializing
 
 
 _IN_PROGRESS = object()
+
+
+def _plain_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A dense tensor without hooks or attributes, as torch.save writes parameters and buffers."""
+    if tensor.layout is not torch.strided:
+        # torch checks a sparse tensor's indices only when the (off by default) invariant check
+        # is on; an index past the size writes out of bounds when the tensor is densified.
+        raise RefusedRecord(f'refusing a {tensor.layout} tensor: only dense tensors load')
+    if tensor._backward_hooks:
+        raise RefusedRecord('refusing a tensor with backward hooks: they would run on backward')
+    if vars(tensor):
+        raise RefusedRecord(f'refusing a tensor with the attributes {sorted(vars(tensor))}')
+    return tensor
 
 
 def _same(value: Any, expected: Any) -> bool:
@@ -230,24 +259,37 @@ class _Materializer:
                 if self.memo[key] is _IN_PROGRESS:
                     raise RefusedRecord(f'{obj.what} refers to itself')
                 return self.memo[key]
-        elif obj in (history_buffer_statistic, empty_bytes) or (
-            kind is type and issubclass(obj, _Record)
+        elif (
+            obj is history_buffer_statistic
+            or obj is empty_bytes
+            or (kind is type and issubclass(obj, _Record))
         ):
             raise RefusedRecord(f'the stand-in for {_stand_in_name(obj)} appears as a value')
+        elif isinstance(obj, torch.Tensor):
+            return _plain_tensor(obj)
         else:
-            return obj  # tensors, storages, numbers, strings, torch.Size / device / dtype ...
+            return obj  # storages, numbers, strings, torch.Size / device / dtype ...
         if kind is list:
             self.memo[key] = obj
             obj[:] = [self.build(item) for item in obj]
             return obj
         if kind in (dict, OrderedDict, Counter):
             self.memo[key] = obj
-            items = [(self.build(k), self.build(v)) for k, v in obj.items()]
-            obj.clear()
+            # torch's BUILD gives OrderedDict / Counter instances attributes from the file; only
+            # a state dict's _metadata is ever written, and anything else could shadow the
+            # methods used here (an `items` that hides the contents from this check).
+            attributes = vars(obj) if kind is not dict else {}
+            if set(attributes) - {'_metadata'}:
+                raise RefusedRecord(
+                    f'a {kind.__name__} with the attributes {sorted(attributes)} '
+                    "(torch writes only a state dict's _metadata)"
+                )
+            items = [(self.build(k), self.build(v)) for k, v in dict.items(obj)]
+            dict.clear(obj)
             for name, value in items:  # not update(): Counter.update adds counts
                 obj[name] = value
-            for name, value in getattr(obj, '__dict__', {}).items():  # e.g. state dicts' _metadata
-                obj.__dict__[name] = self.build(value)
+            if '_metadata' in attributes:
+                attributes['_metadata'] = self.build(attributes['_metadata'])
             return obj
         if kind is tuple:
             self.memo[key] = built = tuple(self.build(item) for item in obj)
