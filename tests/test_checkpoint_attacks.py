@@ -948,3 +948,14 @@ def test_a_refused_load_leaves_torch_map_location_as_it_was(tmp_path):
     before = getattr(torch.serialization._serialization_tls, 'map_location', None)
     refused(run_guarded(lambda: load_checkpoint(path), tmp_path))
     assert getattr(torch.serialization._serialization_tls, 'map_location', None) == before
+
+
+def test_a_large_state_dict_keeps_every_key_in_order(tmp_path):
+    # Rebuilding an OrderedDict through dict's own methods loses keys from its iteration order.
+    weights = collections.OrderedDict(
+        (f'layer{i}.weight', torch.full((2,), float(i))) for i in range(300)
+    )
+    torch.save({'state_dict': weights}, tmp_path / 'big.pth')
+    loaded = load_checkpoint(tmp_path / 'big.pth')['state_dict']
+    assert list(loaded) == list(weights) and len(loaded) == 300
+    assert all(torch.equal(loaded[key], value) for key, value in weights.items())

@@ -284,10 +284,11 @@ class _Materializer:
                     f'a {kind.__name__} with the attributes {sorted(attributes)} '
                     "(torch writes only a state dict's _metadata)"
                 )
-            items = [(self.build(k), self.build(v)) for k, v in dict.items(obj)]
-            dict.clear(obj)
+            # The type's own methods (OrderedDict keeps its order apart from the dict's).
+            items = [(self.build(k), self.build(v)) for k, v in kind.items(obj)]
+            kind.clear(obj)
             for name, value in items:  # not update(): Counter.update adds counts
-                obj[name] = value
+                kind.__setitem__(obj, name, value)
             if '_metadata' in attributes:
                 attributes['_metadata'] = self.build(attributes['_metadata'])
             return obj
