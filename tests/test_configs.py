@@ -25,10 +25,15 @@ pytest.importorskip('mmseg', reason='mmsegmentation is not installed')
 # do not depend on that wiring.
 import nat_mm.models
 import nat_mm.optim  # noqa: F401
+from nat_mm.apis.config import drop_amp_loss_scale
 
 ROOT = Path(__file__).resolve().parents[1]
+# DiNAT_s configs (their own naming and recipes) are checked in tests/test_dinats.py.
 CONFIGS = sorted(
-    path for scope in ('mmdet', 'mmseg') for path in (ROOT / 'configs' / scope).rglob('*.py')
+    path
+    for scope in ('mmdet', 'mmseg')
+    for path in (ROOT / 'configs' / scope).rglob('*.py')
+    if 'dinat_s' not in path.parts
 )
 CONFIG_IDS = [str(path.relative_to(ROOT / 'configs')) for path in CONFIGS]
 NAME_PATTERN = re.compile(r'(?P<family>dinat|nat)-(?P<arch>mini|tiny|small|base|large)')
@@ -94,6 +99,8 @@ def recipe_of(path: Path) -> dict:
         lr=lr,
         # fp16 where published: not DiNAT-L, not the (detectron2, fp32) Mask2Former recipes.
         amp=arch != 'large' and head not in ('mask2former', 'retinanet'),
+        # Mask2Former's (detectron2) optimizer decays `rpb`; NAT's mmdet / mmseg recipes do not.
+        rpb_decay=head == 'mask2former',
     )
 
 
@@ -163,6 +170,7 @@ def load_small(path: Path, image_size: int) -> Config:
     if 'rpn' in cfg.model.get('test_cfg', {}):
         options['model.test_cfg.rpn.max_per_img'] = 50
     cfg.merge_from_dict(options)
+    drop_amp_loss_scale(cfg, options)  # as the tools do for `optim_wrapper.type=OptimWrapper`
     rcnn_train_cfg = cfg.model.get('train_cfg', {}).get('rcnn')
     for stage in rcnn_train_cfg if isinstance(rcnn_train_cfg, list) else [rcnn_train_cfg]:
         if stage is not None:
@@ -191,13 +199,15 @@ def test_every_published_variant_has_a_config():
     names = {path.name for path in CONFIGS}
     for family in ('nat', 'dinat'):
         for arch in ('mini', 'tiny', 'small'):
-            assert f'mask-rcnn_{family}-{arch}_fpn_ms-crop-3x_coco.py' in names
+            assert f'mask-rcnn_{family}-{arch}_fpn_amp-ms-crop-3x_coco.py' in names
         for arch in ('mini', 'tiny', 'small', 'base', 'large')[: 5 if family == 'dinat' else 4]:
+            amp = '' if arch == 'large' else 'amp-'  # DiNAT-L trained in fp32
             assert (
-                f'cascade-mask-rcnn_{family}-{arch}_fpn_4conv1fc-giou_ms-crop-3x_coco.py' in names
+                f'cascade-mask-rcnn_{family}-{arch}_fpn_4conv1fc-giou_{amp}ms-crop-3x_coco.py'
+                in names
             )
             assert any(n.startswith(f'{family}-{arch}-') and '_upernet_' in n for n in names)
-        assert f'mask-rcnn_{family}-tiny_fpn_1x_coco.py' in names
+        assert f'mask-rcnn_{family}-tiny_fpn_amp-1x_coco.py' in names
     for task in ('coco-panoptic.py', 'coco.py', 'ade20k-640x640.py'):
         assert any(n.startswith('mask2former_dinat-large-k11') and n.endswith(task) for n in names)
 
@@ -217,6 +227,13 @@ def test_config_follows_the_published_recipe_and_builds(path):
     assert cfg.optim_wrapper.optimizer.type == 'AdamW'
     assert cfg.optim_wrapper.optimizer.lr == pytest.approx(recipe['lr'])
     assert (cfg.optim_wrapper.type == 'AmpOptimWrapper') == recipe['amp']
+    assert ('amp-' in path.name) == recipe['amp']  # named as mmdet / mmseg name AMP configs
+    if recipe['amp']:
+        # Upstream's Fp16OptimizerHook default: a static scale of 512 (a float: not 'dynamic').
+        assert cfg.optim_wrapper.loss_scale == 512.0
+        assert isinstance(cfg.optim_wrapper.loss_scale, float)
+    else:
+        assert 'loss_scale' not in cfg.optim_wrapper
     assert 'nat_mm' in cfg.custom_imports['imports']
 
     # The whole model, on the meta device (no memory, no init): the backbone's declared
@@ -246,11 +263,11 @@ def test_config_follows_the_published_recipe_and_builds(path):
 
 # --- one config per head family ------------------------------------------------------------------
 FAMILIES = {
-    'mask-rcnn': 'mmdet/nat/mask-rcnn_nat-tiny_fpn_ms-crop-3x_coco.py',
-    'cascade': 'mmdet/dinat/cascade-mask-rcnn_dinat-tiny_fpn_4conv1fc-giou_ms-crop-3x_coco.py',
-    'upernet': 'mmseg/dinat/dinat-tiny-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py',
+    'mask-rcnn': 'mmdet/nat/mask-rcnn_nat-tiny_fpn_amp-ms-crop-3x_coco.py',
+    'cascade': 'mmdet/dinat/cascade-mask-rcnn_dinat-tiny_fpn_4conv1fc-giou_amp-ms-crop-3x_coco.py',
+    'upernet': 'mmseg/dinat/dinat-tiny-in1k-pre_upernet_8xb2-amp-160k_ade20k-512x512.py',
     'mask2former-panoptic': 'mmdet/nat/mask2former_nat-tiny_8xb2-lsj-50e_coco-panoptic.py',
-    'mask2former-instance': 'mmdet/dinat/mask2former_dinat-large-k11-in22k_16xb1-lsj-100e_coco.py',
+    'mask2former-instance': 'mmdet/dinat/mask2former_dinat-large-k11-in22k_8xb2-lsj-100e_coco.py',
     'mask2former-semantic': (
         'mmseg/dinat/mask2former_dinat-large-k11-in22k_8xb2-160k_ade20k-640x640.py'
     ),
@@ -352,7 +369,7 @@ def test_one_train_step_and_one_predict_step_on_cpu(family):
 
 
 @pytest.mark.parametrize('family', list(FAMILIES))
-def test_norms_and_rpb_get_no_weight_decay(family):
+def test_norms_get_no_weight_decay_rpb_as_published(family):
     cfg = load_small(family_config(family), IMAGE_SIZE)
     model = build_model(cfg)
     optimizer = build_optim_wrapper(model, cfg.optim_wrapper).optimizer
@@ -369,7 +386,10 @@ def test_norms_and_rpb_get_no_weight_decay(family):
         in_backbone = name.startswith('backbone.')
         if in_backbone:
             assert group['lr'] == pytest.approx(base_lr * backbone_lr_mult), name
-        if name.endswith('.rpb') or (id(param) in norm_params and in_backbone):
+        if name.endswith('.rpb'):
+            rpb_decay = base_wd if recipe_of(family_config(family))['rpb_decay'] else 0.0
+            assert group['weight_decay'] == pytest.approx(rpb_decay), name
+        elif id(param) in norm_params and in_backbone:
             assert group['weight_decay'] == 0.0, name
         elif id(param) in norm_params:
             # Heads: mmdet/mmseg's own rule (NAT's `norm` key for the detection and UPerNet

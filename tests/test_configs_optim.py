@@ -103,3 +103,25 @@ def test_no_decay_ids_cover_exactly_norms_and_rpb():
     expected = {name for name, _ in model.named_parameters() if is_norm_or_rpb(name)}
     assert names == expected
     assert len(names) > 20
+
+
+def test_rpb_decay_mult_keeps_rpb_decay_and_still_zeroes_norms():
+    # Mask2Former's recipe: detectron2's optimizer decays `rpb` (it exempts only norms, embeddings
+    # and Swin's bias tables); NAT's own recipes do not.
+    model = TinySegmentor()
+    groups = groups_by_name(
+        model,
+        dict(
+            custom_keys={'backbone': dict(lr_mult=0.1, decay_mult=1.0)},
+            norm_decay_mult=0.0,
+            rpb_decay_mult=1.0,
+        ),
+    )
+    rpb = [name for name in groups if name.endswith('.rpb')]
+    assert rpb
+    for name in rpb:
+        assert groups[name]['weight_decay'] == pytest.approx(BASE_WD), name
+        assert groups[name]['lr'] == pytest.approx(BASE_LR * 0.1), name
+    for name, group in groups.items():
+        if is_norm_or_rpb(name) and name not in rpb:
+            assert group['weight_decay'] == 0.0, name

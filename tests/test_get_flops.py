@@ -12,8 +12,8 @@ from nat_mm.errors import NatMMError
 from nat_mm.ops.flops import OP_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
-UPERNET_MINI = ROOT / 'configs/mmseg/nat/nat-mini-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py'
-MASK_RCNN_MINI = ROOT / 'configs/mmdet/nat/mask-rcnn_nat-mini_fpn_ms-crop-3x_coco.py'
+UPERNET_MINI = ROOT / 'configs/mmseg/nat/nat-mini-in1k-pre_upernet_8xb2-amp-160k_ade20k-512x512.py'
+MASK_RCNN_MINI = ROOT / 'configs/mmdet/nat/mask-rcnn_nat-mini_fpn_amp-ms-crop-3x_coco.py'
 
 
 def run(config=None, backbone=None, shape=None, options=None, all_mask_rois=False) -> dict:
@@ -127,7 +127,7 @@ def test_detector_config_runs_rpn_and_roi_heads():
 
 
 CASCADE_MINI = (
-    ROOT / 'configs/mmdet/nat/cascade-mask-rcnn_nat-mini_fpn_4conv1fc-giou_ms-crop-3x_coco.py'
+    ROOT / 'configs/mmdet/nat/cascade-mask-rcnn_nat-mini_fpn_4conv1fc-giou_amp-ms-crop-3x_coco.py'
 )
 
 

@@ -454,7 +454,7 @@ def test_demo_paints_segmentation_maps_over_whole_images(
 def test_a_missing_pretrained_backbone_checkpoint_fails_before_training(
     call_tool, capsys, tmp_path
 ):
-    config = 'configs/mmseg/nat/nat-mini-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py'
+    config = 'configs/mmseg/nat/nat-mini-in1k-pre_upernet_8xb2-amp-160k_ade20k-512x512.py'
     argv = [
         config,
         '--work-dir',

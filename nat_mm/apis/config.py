@@ -10,7 +10,7 @@ from torch import nn
 from nat_mm.errors import NatMMError
 
 LIBRARIES = {'mmdet': 'mmdet', 'mmseg': 'mmsegmentation'}  # default_scope -> PyPI package
-BACKBONE_FAMILIES = ('nat', 'dinat')
+BACKBONE_FAMILIES = ('nat', 'dinat', 'dinats')
 
 
 def load_config(path: str | os.PathLike, cfg_options: dict | None = None) -> Config:
@@ -34,7 +34,17 @@ def load_config(path: str | os.PathLike, cfg_options: dict | None = None) -> Con
         ) from error
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
+        drop_amp_loss_scale(cfg, cfg_options)
     return cfg
+
+
+def drop_amp_loss_scale(cfg: Config, cfg_options: dict) -> None:
+    """``optim_wrapper.type=OptimWrapper`` on an AMP config (fp32, e.g. on a CPU) also drops its
+    ``loss_scale``: only ``AmpOptimWrapper`` takes one, and ``--cfg-options`` cannot delete a key.
+    """
+    wrapper = cfg.get('optim_wrapper')
+    if 'optim_wrapper.type' in cfg_options and wrapper and wrapper.get('type') != 'AmpOptimWrapper':
+        wrapper.pop('loss_scale', None)
 
 
 def library_of(cfg: Config) -> str:
@@ -100,10 +110,11 @@ def build_model(cfg: Config, revert_sync_bn: bool = True) -> nn.Module:
 
 
 def backbone_presets() -> list[str]:
-    """Names :func:`build_backbone` accepts: 'nat-mini' ... 'dinat-large'."""
-    from nat_mm.models import DINAT_ARCHS, NAT_ARCHS
+    """Names :func:`build_backbone` accepts: 'nat-mini' ... 'dinat-large', 'dinats-tiny' ...
+    'dinats-large' (DiNAT_s)."""
+    from nat_mm.models import DINAT_ARCHS, DINATS_ARCHS, NAT_ARCHS
 
-    archs = {'nat': NAT_ARCHS, 'dinat': DINAT_ARCHS}
+    archs = {'nat': NAT_ARCHS, 'dinat': DINAT_ARCHS, 'dinats': DINATS_ARCHS}
     return [f'{family}-{arch}' for family in BACKBONE_FAMILIES for arch in archs[family]]
 
 
@@ -114,13 +125,14 @@ def build_backbone(
     drop_path_rate: float = 0.0,
     attn_backend: str | None = None,
 ) -> nn.Module:
-    """A bare NAT / DiNAT backbone with a published preset's structure, randomly initialised.
+    """A bare NAT / DiNAT / DiNAT_s backbone with a published preset's structure, randomly
+    initialised.
 
     Args:
         name: One of :func:`backbone_presets`, e.g. 'nat-tiny', 'dinat-large'.
         kernel_size: Neighborhood size, or None for the class default (7).
-        dilations: DiNAT dilation schedule name ('coco', 'ade20k-512', ...), or None for the
-            class default.
+        dilations: DiNAT / DiNAT_s dilation schedule name ('coco', 'ade20k-512', ...), or None
+            for the class default.
         drop_path_rate: Stochastic depth (0 for measuring; training configs set their own).
         attn_backend: ``na2d`` backend, or None for the automatic choice.
 
@@ -130,7 +142,7 @@ def build_backbone(
     Raises:
         NatMMError: An unknown preset or a bad argument.
     """
-    from nat_mm.models import NAT, DiNAT
+    from nat_mm.models import NAT, DiNAT, DiNATs
 
     if name not in backbone_presets():
         raise NatMMError(f'unknown backbone {name!r}; expected one of {backbone_presets()}', name)
@@ -141,6 +153,6 @@ def build_backbone(
     if dilations is not None:
         options['dilations'] = dilations
     try:
-        return {'nat': NAT, 'dinat': DiNAT}[family](**options)
+        return {'nat': NAT, 'dinat': DiNAT, 'dinats': DiNATs}[family](**options)
     except ValueError as error:
         raise NatMMError(str(error), name) from error

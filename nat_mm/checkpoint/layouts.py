@@ -7,7 +7,9 @@
   ``model.safetensors``, file or folder), optionally prefixed ``nat.`` / ``dinat.``.
 
 A ``module.`` prefix (DDP) is removed first. The layouts are described in
-docs/original-models.md section 1.
+docs/original-models.md section 1. DiNAT_s (:class:`~nat_mm.models.DiNATs`) keeps upstream's own
+names (``patch_embed.proj``, ``layers.{i}``; section 5), so its original and mmdet files load as
+they are; transformers has no DiNAT_s, hence no HuggingFace layout for it.
 """
 
 import re
@@ -45,6 +47,8 @@ _NATMM_LAYER_KEY = re.compile(r'levels\.(\d+)\.blocks\.(\d+)\.(.+)')
 _NATMM_DOWNSAMPLE_KEY = re.compile(r'levels\.(\d+)\.downsample\.(.+)')
 _NATMM_STAGE_NORM_KEY = re.compile(r'norm(\d+)\.(.+)')
 _HF_MARKER = 'embeddings.patch_embeddings.projection.0.weight'
+# The stem's first weight in nat_mm's (= upstream's) layout: NAT / DiNAT, DiNAT_s.
+NATMM_MARKERS = ('patch_embed.proj.0.weight', 'patch_embed.proj.weight')
 
 
 def unwrap_state_dict(checkpoint: object, source: object = None) -> dict[str, torch.Tensor]:
@@ -149,6 +153,11 @@ def natmm_to_huggingface(
     Raises:
         ValueError: A key that is not part of the nat_mm layout.
     """
+    if NATMM_MARKERS[1] in state_dict:
+        raise NatMMError(
+            'a DiNAT_s checkpoint has no HuggingFace layout (transformers implements NAT and '
+            'DiNAT only); convert it to the original or mmdet layout'
+        )
     layer_modules = {natmm: hf for hf, natmm in _HF_LAYER_MODULES.items()}
     top_modules = {natmm: hf for hf, natmm in _HF_TOP_MODULES.items()}
     # The classifier sits outside the base model, hence without prefix.

@@ -9,7 +9,13 @@ from collections.abc import Mapping
 import safetensors.torch
 import torch
 
-from nat_mm.checkpoint.layouts import FORMATS, from_natmm, to_natmm, unwrap_state_dict
+from nat_mm.checkpoint.layouts import (
+    FORMATS,
+    NATMM_MARKERS,
+    from_natmm,
+    to_natmm,
+    unwrap_state_dict,
+)
 from nat_mm.checkpoint.reading import HF_WEIGHT_FILES, load_checkpoint
 from nat_mm.errors import NatMMError
 from nat_mm.fileio import atomic_write_bytes, check_can_write
@@ -85,7 +91,7 @@ def convert_checkpoint_file(
     check_can_write(path, force, 'destination')
     checkpoint = load_checkpoint(source, trust=trust, sha256=sha256)
     state_dict, source_format, dropped = to_natmm(unwrap_state_dict(checkpoint, source))
-    if 'patch_embed.proj.0.weight' not in state_dict:
+    if not any(marker in state_dict for marker in NATMM_MARKERS):
         raise NatMMError(
             'not a NAT / DiNAT checkpoint: no patch_embed.proj.0.weight after conversion from '
             f'the {source_format} layout; first keys: {list(state_dict)[:5]}',

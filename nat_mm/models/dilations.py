@@ -1,4 +1,4 @@
-"""Dilation schedules of the published DiNAT recipes, resolved per model depth.
+"""Dilation schedules of the published DiNAT and DiNAT_s recipes, resolved per model depth.
 
 A schedule gives ``dilations[stage][layer]``. Each stage entry is either a fixed list (its length
 must equal the stage depth) or a repeating pattern, written ``Repeat(...)``, tiled to the stage
@@ -6,10 +6,11 @@ depth (the depth must be a multiple of the pattern length). Sources: SHI-Labs/
 Neighborhood-Attention-Transformer ``classification/dinat.py``, ``detection/configs``,
 ``segmentation/configs`` and ``mask2former/configs``, tabled in docs/original-models.md
 section 2 (the largest dilation of a stage is ``floor(side / kernel)`` at the nominal input size
-of the recipe).
+of the recipe); DiNAT_s's (``classification/dinats.py``, ``detection/configs/dinat_s``,
+``segmentation/configs/dinat_s``) in section 5.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 
@@ -46,6 +47,21 @@ DILATION_SCHEDULES: dict[str, tuple[StageSpec, StageSpec, StageSpec, StageSpec]]
     ),
 }
 
+# DiNAT_s (depths 2, 2, 6 | 18, 2): stages 0, 1 and 3 have two layers, the second one dilated
+# (to the stage's largest dilation, unlike DiNAT's stage 1); stage 2 as DiNAT's.
+DINATS_DILATION_SCHEDULES: dict[str, tuple[StageSpec, StageSpec, StageSpec, StageSpec]] = {
+    # ImageNet-1k/22k at 224.
+    'imagenet-224': ((1, 8), (1, 4), Repeat((1, 2)), Repeat((1,))),
+    # ImageNet at 384 (DiNAT_s-L 384).
+    'imagenet-384': ((1, 13), (1, 6), Repeat((1, 3)), Repeat((1,))),
+    # COCO Mask R-CNN / Cascade Mask R-CNN.
+    'coco': ((1, 28), (1, 14), Repeat((1, 3, 1, 5, 1, 7)), (1, 3)),
+    # ADE20K UPerNet, 512x512 crops.
+    'ade20k-512': ((1, 16), (1, 8), Repeat((1, 2, 1, 3, 1, 4)), (1, 2)),
+    # ADE20K UPerNet DiNAT_s-L "640" (stage 2 is DiNAT-L's fixed 18-layer list).
+    'ade20k-640': ((1, 20), (1, 10), DILATION_SCHEDULES['ade20k-640'][2], (1, 2)),
+}
+
 
 def _resolve_stage(name: str, stage: int, spec: StageSpec, depth: int) -> tuple[int, ...]:
     if isinstance(spec, Repeat):
@@ -64,14 +80,18 @@ def _resolve_stage(name: str, stage: int, spec: StageSpec, depth: int) -> tuple[
 
 
 def resolve_dilations(
-    dilations: str | Sequence[Sequence[int]] | None, depths: Sequence[int]
+    dilations: str | Sequence[Sequence[int]] | None,
+    depths: Sequence[int],
+    schedules: Mapping[str, Sequence[StageSpec]] = DILATION_SCHEDULES,
 ) -> tuple[tuple[int, ...], ...]:
     """Turns a schedule name, explicit lists or None (all ones) into per-stage, per-layer tuples.
 
     Args:
-        dilations: A key of :data:`DILATION_SCHEDULES`, one sequence of ints per stage (one int per
-            layer), or None for no dilation.
+        dilations: A key of ``schedules``, one sequence of ints per stage (one int per layer), or
+            None for no dilation.
         depths: Number of layers of each stage.
+        schedules: The named schedules: :data:`DILATION_SCHEDULES` (NAT / DiNAT) or
+            :data:`DINATS_DILATION_SCHEDULES` (DiNAT_s).
 
     Returns:
         One tuple of dilations per stage, with ``len(result[i]) == depths[i]``.
@@ -83,12 +103,12 @@ def resolve_dilations(
     if dilations is None:
         return tuple((1,) * depth for depth in depths)
     if isinstance(dilations, str):
-        if dilations not in DILATION_SCHEDULES:
+        if dilations not in schedules:
             raise ValueError(
                 f'dilations={dilations!r} is not a known schedule; expected one of '
-                f'{sorted(DILATION_SCHEDULES)} or explicit per-stage lists'
+                f'{sorted(schedules)} or explicit per-stage lists'
             )
-        schedule = DILATION_SCHEDULES[dilations]
+        schedule = schedules[dilations]
         if len(depths) != len(schedule):
             raise ValueError(
                 f'dilations={dilations!r} has {len(schedule)} stages, but depths={tuple(depths)}'

@@ -227,7 +227,8 @@ class NATLayer(nn.Module):
 
 
 class NATStage(nn.Module):
-    """A stage (``levels.{i}`` upstream): its ``blocks`` and an optional ``downsample``.
+    """A stage (``levels.{i}`` upstream, ``layers.{i}`` in DiNAT_s): its ``blocks`` and an optional
+    ``downsample``.
 
     Args:
         blocks: The layers of the stage, applied in order.
@@ -236,7 +237,7 @@ class NATStage(nn.Module):
     """
 
     def __init__(
-        self, blocks: Sequence[NATLayer], downsample: ConvDownsampler | None, with_cp: bool
+        self, blocks: Sequence[NATLayer], downsample: nn.Module | None, with_cp: bool
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)

@@ -18,7 +18,7 @@ from torch import nn
 
 from nat_mm.checkpoint import load_backbone_checkpoint
 from nat_mm.errors import NatMMError
-from nat_mm.models.dilations import resolve_dilations
+from nat_mm.models.dilations import DILATION_SCHEDULES, resolve_dilations
 from nat_mm.models.layers import (
     LAYER_NORM_EPS,
     ConvDownsampler,
@@ -177,6 +177,10 @@ class NAT(BaseModule):
             tensors only; add ``trust=True`` to unpickle an old checkpoint you trust fully, and
             ``sha256='...'`` to check the file's hash.
 
+    Subclasses with another stem or downsampler (:class:`~nat_mm.models.dinats.DiNATs`) set the
+    class attributes :attr:`tokenizer`, :attr:`downsampler`, :attr:`stage_list_name`,
+    :attr:`dilation_schedules` and :attr:`arch_settings`; everything else is shared.
+
     Attributes:
         out_channels: Channels of each returned map.
         strides: Stride of each returned map w.r.t. the input.
@@ -186,6 +190,13 @@ class NAT(BaseModule):
 
     arch_settings: dict[str, ArchSpec] = NAT_ARCHS
     default_dilations: str | None = None
+    dilation_schedules = DILATION_SCHEDULES
+    # Stem ``(in_channels, embed_dim)``: [B, in, H, W] -> [B, ceil(H/4), ceil(W/4), embed_dim].
+    tokenizer: type[nn.Module] = ConvTokenizer
+    # Between stages ``(dim)``: [B, H, W, dim] -> [B, ceil(H/2), ceil(W/2), 2 dim].
+    downsampler: type[nn.Module] = ConvDownsampler
+    # Upstream's attribute name of the stage list (state-dict prefix).
+    stage_list_name: str = 'levels'
 
     def __init__(
         self,
@@ -249,7 +260,9 @@ class NAT(BaseModule):
         if not -1 <= frozen_stages <= num_stages:
             raise ValueError(f'frozen_stages={frozen_stages} must be in -1..{num_stages}')
         stage_dilations = resolve_dilations(
-            self.default_dilations if dilations is None else dilations, spec.depths
+            self.default_dilations if dilations is None else dilations,
+            spec.depths,
+            self.dilation_schedules,
         )
 
         self.arch = spec
@@ -261,14 +274,15 @@ class NAT(BaseModule):
         self.out_channels = tuple(self.num_features[i] for i in out_indices)
         self.strides = tuple(4 * 2**i for i in out_indices)
         last = out_indices[-1]
-        self.pruned_prefixes = (f'levels.{last}.downsample.',) if last < num_stages - 1 else ()
+        name = self.stage_list_name
+        self.pruned_prefixes = (f'{name}.{last}.downsample.',) if last < num_stages - 1 else ()
         for i in range(last + 1, num_stages):
-            self.pruned_prefixes += (f'levels.{i}.', f'norm{i}.')
+            self.pruned_prefixes += (f'{name}.{i}.', f'norm{i}.')
 
-        self.patch_embed = ConvTokenizer(in_channels, spec.embed_dim)
+        self.patch_embed = self.tokenizer(in_channels, spec.embed_dim)
         # Over all stages of the architecture: the built ones keep the rates of the full model.
         rates = torch.linspace(0, drop_path_rate, sum(spec.depths), device='cpu').tolist()
-        self.levels = nn.ModuleList()
+        self.add_module(name, nn.ModuleList())
         for i, dim in enumerate(self.num_features[: last + 1]):
             first = sum(spec.depths[:i])
             blocks = [
@@ -288,8 +302,8 @@ class NAT(BaseModule):
                 )
                 for j, dilation in enumerate(stage_dilations[i])
             ]
-            downsample = ConvDownsampler(dim) if i < last else None
-            self.levels.append(NATStage(blocks, downsample, with_cp))
+            downsample = self.downsampler(dim) if i < last else None
+            self.stages.append(NATStage(blocks, downsample, with_cp))
         # Output norms exist only for returned stages, as in the upstream detection backbone.
         for i in out_indices:
             self.add_module(f'norm{i}', nn.LayerNorm(self.num_features[i], eps=LAYER_NORM_EPS))
@@ -297,10 +311,15 @@ class NAT(BaseModule):
         self.apply(init_module)
         self._freeze_stages()
 
+    @property
+    def stages(self) -> nn.ModuleList:
+        """The built stages (:class:`NATStage`), under upstream's name :attr:`stage_list_name`."""
+        return getattr(self, self.stage_list_name)
+
     def _freeze_stages(self) -> None:
         frozen_modules = [self.patch_embed] if self.frozen_stages >= 0 else []
-        for i in range(min(max(self.frozen_stages, 0), len(self.levels))):
-            frozen_modules.append(self.levels[i])
+        for i in range(min(max(self.frozen_stages, 0), len(self.stages))):
+            frozen_modules.append(self.stages[i])
             if i in self.out_indices:
                 frozen_modules.append(getattr(self, f'norm{i}'))
         for module in frozen_modules:
@@ -342,8 +361,8 @@ class NAT(BaseModule):
             )
         x = self.patch_embed(x)
         outs = []
-        for i, level in enumerate(self.levels):
-            stage_out, x = level(x)
+        for i, stage in enumerate(self.stages):
+            stage_out, x = stage(x)
             if i in self.out_indices:
                 outs.append(getattr(self, f'norm{i}')(stage_out).permute(0, 3, 1, 2).contiguous())
         return tuple(outs)

@@ -1,7 +1,8 @@
 """Speed and peak memory of a NAT / DiNAT model next to its Swin-T peer, measured the same way.
 
     python tools/benchmark.py --backbone nat-tiny --shape 800 1216
-    python tools/benchmark.py configs/mmdet/nat/mask-rcnn_nat-tiny_fpn_1x_coco.py --shape 800 1216
+    python tools/benchmark.py configs/mmdet/nat/mask-rcnn_nat-tiny_fpn_amp-1x_coco.py \\
+        --shape 800 1216
         [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--batch 1] [--warmup 1]
         [--iters 3] [--modes infer train] [--threads N] [--profile]
 

@@ -1,8 +1,8 @@
 """Parameters and GFLOPs of a NAT / DiNAT model: a whole mmdet / mmseg config or a bare backbone.
 
-    python tools/get_flops.py configs/mmdet/nat/mask-rcnn_nat-tiny_fpn_ms-crop-3x_coco.py
+    python tools/get_flops.py configs/mmdet/nat/mask-rcnn_nat-tiny_fpn_amp-ms-crop-3x_coco.py
     python tools/get_flops.py \\
-        configs/mmseg/nat/nat-mini-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py --shape 512 512
+        configs/mmseg/nat/nat-mini-in1k-pre_upernet_8xb2-amp-160k_ade20k-512x512.py --shape 512 512
     python tools/get_flops.py --backbone nat-tiny --shape 224
 
 "GFLOPs" are GMACs, as fvcore, mmdet, mmseg and the NAT papers count them; the conventions

@@ -1,6 +1,5 @@
 # Mask2Former + NAT-Tiny, COCO panoptic, 50 epochs with large-scale jitter: the single-GPU-friendly
-# variant (no published number). The backbone trains at 0.1x lr; its norms and `rpb` tables
-# get no weight decay, applied by type and name by nat_mm's NATOptimWrapperConstructor.
+# variant (no published number), with Mask2Former's optimizer as the DiNAT-L recipe has it.
 _base_ = ['mmdet::mask2former/mask2former_swin-t-p4-w7-224_8xb2-lsj-50e_coco-panoptic.py']
 
 custom_imports = dict(imports=['nat_mm'], allow_failed_imports=False)
@@ -23,6 +22,8 @@ model = dict(
     panoptic_head=dict(in_channels=[64, 128, 256, 512]),
 )
 
+# Mask2Former's optimizer (detectron2): backbone lr x0.1; no weight decay on norms (every one, by
+# type: NATOptimWrapperConstructor) and embeddings, but `rpb` keeps it (rpb_decay_mult=1.0).
 embed_multi = dict(lr_mult=1.0, decay_mult=0.0)
 optim_wrapper = dict(
     constructor='NATOptimWrapperConstructor',
@@ -35,5 +36,6 @@ optim_wrapper = dict(
             'level_embed': embed_multi,
         },
         norm_decay_mult=0.0,
+        rpb_decay_mult=1.0,
     ),
 )

@@ -22,6 +22,8 @@ model = dict(
     panoptic_head=dict(in_channels=[64, 128, 256, 512]),
 )
 
+# Mask2Former's optimizer (detectron2): backbone lr x0.1; no weight decay on norms (every one, by
+# type: NATOptimWrapperConstructor) and embeddings, but `rpb` keeps it (rpb_decay_mult=1.0).
 embed_multi = dict(lr_mult=1.0, decay_mult=0.0)
 optim_wrapper = dict(
     constructor='NATOptimWrapperConstructor',
@@ -34,5 +36,6 @@ optim_wrapper = dict(
             'level_embed': embed_multi,
         },
         norm_decay_mult=0.0,
+        rpb_decay_mult=1.0,
     ),
 )

@@ -2,7 +2,7 @@
 # mIoU 54.0 / 54.9 (multi-scale). Upstream's file is named `..._640x640_...` and uses the
 # "640" dilation schedule, but it inherits the 512x512 ADE20K pipeline (crop 512, scale 2048x512);
 # we reproduce what it ran: the 512x512 pipeline with the "640" schedule.
-_base_ = ['./dinat-tiny-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py']
+_base_ = ['./dinat-tiny-in1k-pre_upernet_8xb2-amp-160k_ade20k-512x512.py']
 
 model = dict(
     backbone=dict(
@@ -15,4 +15,10 @@ model = dict(
     auxiliary_head=dict(in_channels=768),
 )
 
-optim_wrapper = dict(type='OptimWrapper')
+# fp32: the whole wrapper again, as OptimWrapper takes no loss_scale (the AMP one's).
+optim_wrapper = dict(
+    _delete_=True,
+    type='OptimWrapper',
+    optimizer=dict(type='AdamW', lr=0.00006, betas=(0.9, 0.999), weight_decay=0.01),
+    paramwise_cfg=dict(custom_keys={'rpb': dict(decay_mult=0.0), 'norm': dict(decay_mult=0.0)}),
+)

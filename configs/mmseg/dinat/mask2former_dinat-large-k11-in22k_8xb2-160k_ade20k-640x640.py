@@ -1,7 +1,8 @@
 # Mask2Former + DiNAT-Large 11x11 (ImageNet-22k, RPB interpolated to kernel 11), ADE20K semantic
 # 640x640, 160k: the published recipe (NAT repo mask2former/configs/ade20k/semantic-segmentation/
 # dinat/, detectron2): kernel 11, the Mask2Former dilation schedule, drop_path 0.3, 100 queries,
-# fp32. mIoU 58.1 (multi-scale). Pipeline, schedule and optimizer as mmseg's Swin-L Mask2Former.
+# fp32. mIoU 58.1 (multi-scale). Schedule as mmseg's Swin-L Mask2Former; crop and multi-scale
+# test as upstream (below).
 _base_ = ['mmseg::mask2former/mask2former_swin-l-in22k-384x384-pre_8xb2-160k_ade20k-640x640.py']
 
 # Replaces the inherited import list, so mmdet's Mask2Former parts must be listed again.
@@ -28,6 +29,8 @@ model = dict(
     decode_head=dict(in_channels=[192, 384, 768, 1536]),
 )
 
+# Mask2Former's optimizer (detectron2): backbone lr x0.1; no weight decay on norms (every one, by
+# type: NATOptimWrapperConstructor) and embeddings, but `rpb` keeps it (rpb_decay_mult=1.0).
 embed_multi = dict(lr_mult=1.0, decay_mult=0.0)
 optim_wrapper = dict(
     constructor='NATOptimWrapperConstructor',
@@ -40,5 +43,45 @@ optim_wrapper = dict(
             'level_embed': embed_multi,
         },
         norm_decay_mult=0.0,
+        rpb_decay_mult=1.0,
     ),
 )
+
+# The host's crop rejects crops where one class covers > 75% (cat_max_ratio=0.75); upstream has no
+# such constraint (INPUT.CROP.SINGLE_CATEGORY_MAX_AREA: 1.0).
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', reduce_zero_label=True),
+    dict(
+        type='RandomChoiceResize',
+        scales=[int(x * 0.1 * 640) for x in range(5, 21)],
+        resize_type='ResizeShortestEdge',
+        max_size=2560,
+    ),
+    dict(type='RandomCrop', crop_size=(640, 640)),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PhotoMetricDistortion'),
+    dict(type='PackSegInputs'),
+]
+train_dataloader = dict(dataset=dict(pipeline=train_pipeline))
+
+# Multi-scale test as upstream (TEST.AUG): short side 320-1120 in steps of 160, long side at most
+# 4480, plus flip. The host's tta_pipeline rescales the original image by 0.5-1.75 instead.
+tta_pipeline = [
+    dict(type='LoadImageFromFile', backend_args=None),
+    dict(
+        type='TestTimeAug',
+        transforms=[
+            [
+                dict(type='Resize', scale=(4480, short), keep_ratio=True)
+                for short in (320, 480, 640, 800, 960, 1120)
+            ],
+            [
+                dict(type='RandomFlip', prob=0.0, direction='horizontal'),
+                dict(type='RandomFlip', prob=1.0, direction='horizontal'),
+            ],
+            [dict(type='LoadAnnotations')],
+            [dict(type='PackSegInputs')],
+        ],
+    ),
+]

@@ -1,6 +1,6 @@
 # Mask2Former + NAT-Tiny, ADE20K semantic 512x512, 160k: the single-GPU-friendly variant (no
-# published number). The backbone trains at 0.1x lr; its norms and `rpb` tables get no weight
-# decay, applied by type and name by nat_mm's NATOptimWrapperConstructor.
+# published number), with Mask2Former's optimizer as the DiNAT-L recipe has it. Pipeline and
+# multi-scale test as mmseg's Swin-T Mask2Former.
 _base_ = ['mmseg::mask2former/mask2former_swin-t_8xb2-160k_ade20k-512x512.py']
 
 # Replaces the inherited import list, so mmdet's Mask2Former parts must be listed again.
@@ -24,6 +24,8 @@ model = dict(
     decode_head=dict(in_channels=[64, 128, 256, 512]),
 )
 
+# Mask2Former's optimizer (detectron2): backbone lr x0.1; no weight decay on norms (every one, by
+# type: NATOptimWrapperConstructor) and embeddings, but `rpb` keeps it (rpb_decay_mult=1.0).
 embed_multi = dict(lr_mult=1.0, decay_mult=0.0)
 optim_wrapper = dict(
     constructor='NATOptimWrapperConstructor',
@@ -36,5 +38,6 @@ optim_wrapper = dict(
             'level_embed': embed_multi,
         },
         norm_decay_mult=0.0,
+        rpb_decay_mult=1.0,
     ),
 )
