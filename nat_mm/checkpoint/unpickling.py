@@ -190,12 +190,11 @@ def only_nat_mm_safe_globals() -> Iterator[None]:
         torch.serialization.add_safe_globals(list(EXTRA_GLOBALS))
         try:
             yield
-            during = set(torch.serialization.get_safe_globals())
         finally:
             # What another thread added meanwhile is kept (and nothing of ours stays).
-            added = set(torch.serialization.get_safe_globals()) - ours
+            during = set(torch.serialization.get_safe_globals())
             torch.serialization.clear_safe_globals()
-            torch.serialization.add_safe_globals([*before, *added])
+            torch.serialization.add_safe_globals([*before, *(during - ours)])
             # torch queues sparse tensors for validation at the end of a load; a load that
             # failed before the end leaves them queued, and the next load would validate (and
             # fail on) them: a refused file must not make a later, benign one fail.
