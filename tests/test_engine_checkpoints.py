@@ -185,6 +185,26 @@ def test_a_run_written_by_plain_mmengine_resumes_without_trust(tmp_path):
     assert_trained_on(start, work_dir / 'iter_6.pth')
 
 
+def test_a_file_without_training_state_is_refused_for_resume_before_loading(tmp_path):
+    """An mmcv 1.x file (meta with epoch / iter, weights, optimizer; no message hub), as
+    upstream's trained detectors are, cannot be resumed: a clear error, not a KeyError."""
+    work_dir = tmp_path / 'work'
+    work_dir.mkdir()
+    mmcv1 = {
+        'meta': {'mmcv_version': '1.4.8', 'epoch': 36, 'iter': 4, 'CLASSES': ('a',)},
+        'state_dict': {'linear.weight': torch.ones(1, 2), 'linear.bias': torch.ones(1)},
+        'optimizer': {'state': {}, 'param_groups': [{'lr': 0.01, 'params': [0, 1]}]},
+    }
+    torch.save(mmcv1, work_dir / 'iter_4.pth')
+    (work_dir / 'last_checkpoint').write_text(str(work_dir / 'iter_4.pth'))
+    resumed = train_child(work_dir, max_iters=6, keep=2)
+    assert resumed.returncode != 0
+    assert 'cannot resume from this file: it has no message_hub' in resumed.stderr
+    assert 'load_from' in resumed.stderr
+    assert 'KeyError' not in resumed.stderr
+    assert not (work_dir / 'iter_6.pth').exists()
+
+
 # ----------------------------------------------------------------------------- choosing a file
 
 

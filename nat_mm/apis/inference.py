@@ -12,8 +12,7 @@ from PIL import Image
 
 from nat_mm.apis.config import library_of, load_config, register_library
 from nat_mm.apis.datasets import IMAGE_EXTENSIONS
-from nat_mm.checkpoint import load_checkpoint, load_state_dict_strictly
-from nat_mm.checkpoint.layouts import unwrap_state_dict
+from nat_mm.checkpoint import load_checkpoint, load_model_state
 from nat_mm.errors import NatMMError
 from nat_mm.fileio import atomic_write_bytes
 
@@ -22,8 +21,9 @@ def _safe_inferencer_class(base: type, library: str) -> type:
     """``base`` (an mmengine inferencer) fed with a checkpoint read beforehand by nat_mm.
 
     The inferencer is built with ``weights=None``; its documented extension point
-    ``_load_weights_to_model`` then gets the checkpoint nat_mm read safely, checks it strictly
-    and lets the library take its class names and palette from it as usual.
+    ``_load_weights_to_model`` then gets the checkpoint nat_mm read safely, brings a file of
+    another layout (mmdet 2.x / mmseg 0.x, detectron2) to the host's, checks it strictly and
+    lets the library take the class names and palette from its ``dataset_meta`` as usual.
     """
 
     class SafeInferencer(base):
@@ -35,8 +35,8 @@ def _safe_inferencer_class(base: type, library: str) -> type:
 
         def _load_weights_to_model(self, model, checkpoint, cfg) -> None:
             checkpoint, source = self._nat_mm_checkpoint
-            load_state_dict_strictly(model, unwrap_state_dict(checkpoint, source), source)
-            super()._load_weights_to_model(model, checkpoint, cfg)
+            host_checkpoint = load_model_state(model, checkpoint, source)
+            super()._load_weights_to_model(model, host_checkpoint, cfg)
 
     SafeInferencer.__name__ = SafeInferencer.__qualname__ = f'Safe{base.__name__}'
     return SafeInferencer

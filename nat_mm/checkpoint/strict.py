@@ -1,7 +1,9 @@
 """Loading weights strictly: every missing, unexpected, mis-shaped or non-finite key is reported.
 
 One comparison (:func:`compare_state_dicts`) serves both callers: whole detectors / segmentors
-(:func:`load_model_checkpoint`, used by the runner, test, demo) and NAT / DiNAT backbones
+(:func:`load_model_checkpoint` and :func:`load_model_state`, used by the runner, test, demo),
+which first bring a file of another layout (mmdet 2.x / mmseg 0.x, detectron2 Mask2Former) to
+the host's (:mod:`nat_mm.checkpoint.model_layouts`), and NAT / DiNAT backbones
 (:func:`load_backbone_checkpoint`, used by ``init_cfg=dict(type='Pretrained', ...)``), which add
 the format conversion and their rules for keys a backbone may ignore.
 """
@@ -20,6 +22,12 @@ from mmengine.logging import print_log
 from torch import nn
 
 from nat_mm.checkpoint.layouts import resize_rpb, rpb_kernel_size, to_natmm, unwrap_state_dict
+from nat_mm.checkpoint.model_layouts import (
+    HOST_LAYOUTS,
+    LAYOUT_DESCRIPTIONS,
+    host_of_model,
+    to_host_checkpoint,
+)
 from nat_mm.checkpoint.reading import load_checkpoint
 from nat_mm.errors import NatMMError
 
@@ -97,14 +105,49 @@ def load_model_checkpoint(
         sha256: Expected SHA-256 of the file, or None.
 
     Returns:
-        The checkpoint object (its ``meta`` holds e.g. the dataset's class names).
+        The checkpoint object as read (its ``meta`` holds e.g. the dataset's class names).
 
     Raises:
         NatMMError: Unreadable file, or keys / shapes / values that do not fit, all listed.
     """
     checkpoint = load_checkpoint(source, map_location=map_location, trust=trust, sha256=sha256)
-    load_state_dict_strictly(model, unwrap_state_dict(checkpoint, source), source)
+    load_model_state(model, checkpoint, source)
     return checkpoint
+
+
+def load_model_state(model: nn.Module, checkpoint: object, source: object) -> dict[str, object]:
+    """Loads a checkpoint object already read into ``model`` (a whole detector / segmentor).
+
+    For an mmdet / mmseg model, a file of another layout (mmdet 2.x / mmseg 0.x, detectron2
+    Mask2Former) is first brought to the model's library's, and the detected layout is logged
+    (:func:`~nat_mm.checkpoint.model_layouts.to_host_checkpoint`); any other model gets the
+    state dict as it is.
+
+    Args:
+        model: The model; a DDP or test-time-augmentation wrapper is looked through.
+        checkpoint: What :func:`nat_mm.checkpoint.load_checkpoint` returned.
+        source: The file it came from, for messages.
+
+    Returns:
+        The checkpoint in the host's layout, ``{'state_dict': ..., 'meta': ...}`` (the meta with
+        ``dataset_meta`` where the file names its classes).
+
+    Raises:
+        NatMMError: Keys / shapes / values that do not fit, all listed.
+    """
+    host = host_of_model(model)
+    if host is None:
+        host_checkpoint = {'state_dict': unwrap_state_dict(checkpoint, source), 'meta': {}}
+    else:
+        host_checkpoint, layout = to_host_checkpoint(checkpoint, host, source)
+        if layout != HOST_LAYOUTS[host]:
+            print_log(
+                f'checkpoint {source}: {layout} layout ({LAYOUT_DESCRIPTIONS[layout]}), loaded '
+                f'into the {host} model',
+                logger='current',
+            )
+    load_state_dict_strictly(model, host_checkpoint['state_dict'], source)
+    return host_checkpoint
 
 
 def load_state_dict_strictly(

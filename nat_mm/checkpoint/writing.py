@@ -16,6 +16,12 @@ from nat_mm.checkpoint.layouts import (
     to_natmm,
     unwrap_state_dict,
 )
+from nat_mm.checkpoint.model_layouts import (
+    HOST_LAYOUTS,
+    MODEL_FORMATS,
+    check_whole_model,
+    to_host_checkpoint,
+)
 from nat_mm.checkpoint.reading import HF_WEIGHT_FILES, load_checkpoint
 from nat_mm.errors import NatMMError
 from nat_mm.fileio import atomic_write_bytes, check_can_write
@@ -68,11 +74,18 @@ def convert_checkpoint_file(
 ) -> tuple[str, str, list[str]]:
     """Reads ``source`` (any recognised layout) and writes it in ``target_format``.
 
+    A backbone format (:data:`~nat_mm.checkpoint.layouts.FORMATS`) keeps the NAT / DiNAT
+    backbone only. 'mmdet3' / 'mmseg1' (:data:`~nat_mm.checkpoint.model_layouts.MODEL_FORMATS`)
+    write the whole model as mmdet 3.x / mmseg 1.x save it, ``{'state_dict', 'meta'}`` with the
+    class names as ``meta['dataset_meta']`` (from an mmdet 2.x / mmseg 0.x, detectron2 or own
+    file; :func:`~nat_mm.checkpoint.model_layouts.to_host_checkpoint`), without training state.
+
     Args:
         source: File, HuggingFace folder or URL.
         destination: Output file (``.pth``, ``.bin``, ``.safetensors``) or folder (gets
-            ``model.safetensors``).
-        target_format: One of :data:`~nat_mm.checkpoint.layouts.FORMATS`.
+            ``model.safetensors``); a whole model goes to a ``.pth`` / ``.bin`` file.
+        target_format: One of :data:`~nat_mm.checkpoint.layouts.FORMATS` or
+            :data:`~nat_mm.checkpoint.model_layouts.MODEL_FORMATS`.
         hf_prefix: HuggingFace model prefix ('nat', 'dinat', or '' for ``*Backbone``).
         force: Overwrite an existing output file.
         trust: Allow full unpickling of ``source`` (only for files you trust).
@@ -80,16 +93,27 @@ def convert_checkpoint_file(
 
     Returns:
         The written path, the source layout, and the keys dropped because they belong to another
-        part of a downstream model.
+        part of a downstream model (backbone formats) or are training state (whole models).
 
     Raises:
-        NatMMError: Bad format, existing output without ``force``, or not a NAT checkpoint.
+        NatMMError: Bad format, existing output without ``force``, not a NAT checkpoint, or (whole
+            models) not a whole model of the target library.
     """
-    if target_format not in FORMATS:
-        raise NatMMError(f'the layout must be one of {FORMATS}, got {target_format!r}', '--to')
+    if target_format not in FORMATS + MODEL_FORMATS:
+        raise NatMMError(
+            f'the layout must be one of {FORMATS + MODEL_FORMATS}, got {target_format!r}', '--to'
+        )
     path = checkpoint_file_path(destination)
+    if target_format in MODEL_FORMATS and path.endswith('.safetensors'):
+        raise NatMMError(
+            f'a whole model with its meta is written to a .pth file, not safetensors '
+            f'(--to {target_format})',
+            path,
+        )
     check_can_write(path, force, 'destination')
     checkpoint = load_checkpoint(source, trust=trust, sha256=sha256)
+    if target_format in MODEL_FORMATS:
+        return _write_whole_model(checkpoint, source, path, target_format)
     state_dict, source_format, dropped = to_natmm(unwrap_state_dict(checkpoint, source))
     if not any(marker in state_dict for marker in NATMM_MARKERS):
         raise NatMMError(
@@ -99,3 +123,18 @@ def convert_checkpoint_file(
         )
     written = save_checkpoint_file(from_natmm(state_dict, target_format, hf_prefix), path)
     return written, source_format, dropped
+
+
+def _write_whole_model(
+    checkpoint: object, source: object, path: str, target_format: str
+) -> tuple[str, str, list[str]]:
+    """:func:`convert_checkpoint_file` for 'mmdet3' / 'mmseg1'."""
+    host = next(host for host, layout in HOST_LAYOUTS.items() if layout == target_format)
+    host_checkpoint, source_layout = to_host_checkpoint(checkpoint, host, source)
+    check_whole_model(host_checkpoint['state_dict'], host, source)
+    # What only resuming a run would use (mmcv 1.x's or mmengine's optimizer, schedulers, ...).
+    dropped = []
+    if isinstance(checkpoint, Mapping):
+        dropped = sorted(key for key in checkpoint if key not in ('state_dict', 'model', 'meta'))
+    written = save_checkpoint_file(host_checkpoint, path)
+    return written, source_layout, dropped

@@ -20,8 +20,12 @@ from mmengine.hooks import CheckpointHook
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from nat_mm.checkpoint import load_checkpoint, load_state_dict_strictly, unwrap_state_dict
+from nat_mm.checkpoint import load_checkpoint, load_model_state
 from nat_mm.engine.resume import checkpoint_folders, find_resume_checkpoint
+from nat_mm.errors import NatMMError
+
+# What mmengine's Runner.resume reads from a checkpoint besides the weights.
+_RESUME_KEYS = ('meta', 'message_hub')
 
 
 @RUNNERS.register_module()
@@ -44,6 +48,21 @@ class SafeLoadRunner(Runner):
                 self.logger.info(f'Auto resumed from the latest checkpoint {found}.')
         super().load_or_resume()
 
+    def resume(
+        self,
+        filename: str,
+        resume_optimizer: bool = True,
+        resume_param_scheduler: bool = True,
+        map_location: object = 'default',
+    ) -> None:
+        """As mmengine's; a file that is not an mmengine training checkpoint (mmcv 1.x,
+        detectron2, weights only) is refused before anything is loaded."""
+        self._resuming = True
+        try:
+            super().resume(filename, resume_optimizer, resume_param_scheduler, map_location)
+        finally:
+            self._resuming = False
+
     def load_checkpoint(
         self,
         filename: str,
@@ -64,8 +83,24 @@ class SafeLoadRunner(Runner):
         checkpoint = load_checkpoint(
             filename, map_location=map_location, trust=trust, sha256=sha256
         )
+        if getattr(self, '_resuming', False):
+            _check_resumable(checkpoint, filename)
         self.call_hook('after_load_checkpoint', checkpoint=checkpoint)
-        load_state_dict_strictly(self.model, unwrap_state_dict(checkpoint, filename), filename)
+        load_model_state(self.model, checkpoint, filename)  # other layouts converted, logged
         self._has_loaded = True
         self.logger.info(f'Load checkpoint from {filename}')
         return checkpoint
+
+
+def _check_resumable(checkpoint: object, filename: str) -> None:
+    """Raises unless ``checkpoint`` holds the training state mmengine's resume reads."""
+    missing = [
+        key for key in _RESUME_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint
+    ]
+    if missing:
+        raise NatMMError(
+            f'cannot resume from this file: it has no {" / ".join(missing)} (not an mmengine '
+            'training checkpoint, e.g. an mmcv 1.x, detectron2 or weights-only file); start a new '
+            'run from its weights with load_from (tools/train.py --cfg-options load_from=FILE)',
+            filename,
+        )
