@@ -44,15 +44,21 @@ _D2_HEAD = 'sem_seg_head.'
 _PIXEL_DECODER = 'sem_seg_head.pixel_decoder.'
 _PREDICTOR = 'sem_seg_head.predictor.'
 _PARAM = r'(weight|bias)'
+# Indices as d2 writes them (ASCII digits, no leading zero): `\d+` also read '01' or a non-ASCII
+# digit as 1, so a misspelt key was renamed onto the real one's target (two keys: the last won).
+_INDEX = r'(0|[1-9][0-9]*)'
+_LEVEL = r'([1-9][0-9]*)'  # d2's adapter_{k} / layer_{k} count from 1
 
 # The d2 DiNAT wrapper's parameter names (= nat_mm's); anything else under backbone. is an error.
 _BACKBONE_KEY = re.compile(
     r'backbone\.('
     rf'patch_embed\.proj\.[01]\.{_PARAM}|patch_embed\.norm\.{_PARAM}'
-    rf'|levels\.\d+\.blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.{_PARAM}'
-    r'|levels\.\d+\.blocks\.\d+\.(attn\.rpb|gamma1|gamma2)'
-    rf'|levels\.\d+\.downsample\.reduction\.weight|levels\.\d+\.downsample\.norm\.{_PARAM}'
-    rf'|norm\d+\.{_PARAM}'
+    rf'|levels\.{_INDEX}\.blocks\.{_INDEX}\.'
+    rf'(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.{_PARAM}'
+    rf'|levels\.{_INDEX}\.blocks\.{_INDEX}\.(attn\.rpb|gamma1|gamma2)'
+    rf'|levels\.{_INDEX}\.downsample\.reduction\.weight'
+    rf'|levels\.{_INDEX}\.downsample\.norm\.{_PARAM}'
+    rf'|norm{_INDEX}\.{_PARAM}'
     r')'
 )
 
@@ -60,11 +66,11 @@ _BACKBONE_KEY = re.compile(
 # input_proj / level_embed from res5 down to res3, as mmdet's input_convs / level_encoding do.
 # `adapter_k` / `layer_k` (d2 Conv2d + norm) act on backbone level k-1 (res{k+1}), as mmdet's
 # lateral_convs[k-1] / output_convs[k-1] (ConvModule: conv + gn) in its forward.
-_ENCODER = r'transformer\.encoder\.layers\.(\d+)\.'
+_ENCODER = rf'transformer\.encoder\.layers\.{_INDEX}\.'
 _MSDA = r'(sampling_offsets|attention_weights|value_proj|output_proj)'  # same in mmcv
 _PIXEL_DECODER_RULES = [
-    (rf'input_proj\.(\d+)\.0\.{_PARAM}', r'input_convs.\1.conv.\2'),
-    (rf'input_proj\.(\d+)\.1\.{_PARAM}', r'input_convs.\1.gn.\2'),  # GroupNorm(32)
+    (rf'input_proj\.{_INDEX}\.0\.{_PARAM}', r'input_convs.\1.conv.\2'),
+    (rf'input_proj\.{_INDEX}\.1\.{_PARAM}', r'input_convs.\1.gn.\2'),  # GroupNorm(32)
     (r'transformer\.level_embed', r'level_encoding.weight'),  # Parameter -> nn.Embedding
     (rf'{_ENCODER}self_attn\.{_MSDA}\.{_PARAM}', r'encoder.layers.\1.self_attn.\2.\3'),
     (rf'{_ENCODER}norm1\.{_PARAM}', r'encoder.layers.\1.norms.0.\2'),
@@ -72,19 +78,19 @@ _PIXEL_DECODER_RULES = [
     (rf'{_ENCODER}linear2\.{_PARAM}', r'encoder.layers.\1.ffn.layers.1.\2'),
     (rf'{_ENCODER}norm2\.{_PARAM}', r'encoder.layers.\1.norms.1.\2'),
     (rf'mask_features\.{_PARAM}', r'mask_feature.\1'),
-    (rf'adapter_(\d+)\.{_PARAM}', lambda m: f'lateral_convs.{int(m[1]) - 1}.conv.{m[2]}'),
-    (rf'adapter_(\d+)\.norm\.{_PARAM}', lambda m: f'lateral_convs.{int(m[1]) - 1}.gn.{m[2]}'),
-    (rf'layer_(\d+)\.{_PARAM}', lambda m: f'output_convs.{int(m[1]) - 1}.conv.{m[2]}'),
-    (rf'layer_(\d+)\.norm\.{_PARAM}', lambda m: f'output_convs.{int(m[1]) - 1}.gn.{m[2]}'),
+    (rf'adapter_{_LEVEL}\.{_PARAM}', lambda m: f'lateral_convs.{int(m[1]) - 1}.conv.{m[2]}'),
+    (rf'adapter_{_LEVEL}\.norm\.{_PARAM}', lambda m: f'lateral_convs.{int(m[1]) - 1}.gn.{m[2]}'),
+    (rf'layer_{_LEVEL}\.{_PARAM}', lambda m: f'output_convs.{int(m[1]) - 1}.conv.{m[2]}'),
+    (rf'layer_{_LEVEL}\.norm\.{_PARAM}', lambda m: f'output_convs.{int(m[1]) - 1}.gn.{m[2]}'),
 ]
 
 # (d2 pattern after sem_seg_head.predictor., mmdet name after the head prefix). A d2 decoder layer
 # is three modules (cross-attention, self-attention, FFN, each with its post-norm); mmdet's
 # Mask2FormerTransformerDecoderLayer runs the same order with norms.0 / 1 / 2.
 _ATTN = r'(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)'
-_CROSS = r'transformer_cross_attention_layers\.(\d+)\.'
-_SELF = r'transformer_self_attention_layers\.(\d+)\.'
-_FFN = r'transformer_ffn_layers\.(\d+)\.'
+_CROSS = rf'transformer_cross_attention_layers\.{_INDEX}\.'
+_SELF = rf'transformer_self_attention_layers\.{_INDEX}\.'
+_FFN = rf'transformer_ffn_layers\.{_INDEX}\.'
 _LAYER = r'transformer_decoder.layers.\1.'
 _PREDICTOR_RULES = [
     (rf'{_CROSS}multihead_attn\.{_ATTN}', rf'{_LAYER}cross_attn.attn.\2'),
@@ -97,10 +103,10 @@ _PREDICTOR_RULES = [
     (rf'decoder_norm\.{_PARAM}', r'transformer_decoder.post_norm.\1'),
     (r'(query_feat|query_embed|level_embed)\.weight', r'\1.weight'),
     # Only where the pixel decoder's width differs from the decoder's (not in the published models).
-    (rf'input_proj\.(\d+)\.{_PARAM}', r'decoder_input_projs.\1.\2'),
+    (rf'input_proj\.{_INDEX}\.{_PARAM}', r'decoder_input_projs.\1.\2'),
     (rf'class_embed\.{_PARAM}', r'cls_embed.\1'),  # num_classes + 1 rows, "no object" last
     # d2's MLP keeps its Linear layers in a list; mmdet's nn.Sequential interleaves ReLUs.
-    (rf'mask_embed\.layers\.(\d+)\.{_PARAM}', lambda m: f'mask_embed.{2 * int(m[1])}.{m[2]}'),
+    (rf'mask_embed\.layers\.{_INDEX}\.{_PARAM}', lambda m: f'mask_embed.{2 * int(m[1])}.{m[2]}'),
 ]
 
 

@@ -60,13 +60,21 @@ def unwrap_state_dict(checkpoint: object, source: object = None) -> dict[str, to
         source: The file it came from, for error messages.
 
     Raises:
-        NatMMError: No mapping of tensors found.
+        NatMMError: No mapping of tensors found, both wrappers (which one is the model's would
+            be a guess), keys that are not strings, or a key both with and without ``module.``.
     """
     state_dict = checkpoint
-    for wrapper_key in ('state_dict', 'model'):
-        if isinstance(state_dict, Mapping) and isinstance(state_dict.get(wrapper_key), Mapping):
-            state_dict = state_dict[wrapper_key]
-            break
+    if isinstance(checkpoint, Mapping):
+        wrappers = [
+            key for key in ('state_dict', 'model') if isinstance(checkpoint.get(key), Mapping)
+        ]
+        if len(wrappers) == 2:
+            raise NatMMError(
+                'the checkpoint holds both a "state_dict" and a "model" entry: which one holds '
+                'the weights would be a guess; keep one',
+                source,
+            )
+        state_dict = checkpoint[wrappers[0]] if wrappers else checkpoint
     if not isinstance(state_dict, Mapping) or not all(
         isinstance(value, torch.Tensor) for value in state_dict.values()
     ):
@@ -76,7 +84,17 @@ def unwrap_state_dict(checkpoint: object, source: object = None) -> dict[str, to
             f'"model"; it holds a {type(checkpoint).__name__} with keys {keys}',
             source,
         )
-    return {key.removeprefix('module.'): value for key, value in state_dict.items()}
+    if not_strings := [key for key in state_dict if not isinstance(key, str)]:
+        raise NatMMError(f'state dict keys must be strings, got {not_strings[:8]}', source)
+    unwrapped = {key.removeprefix('module.'): value for key, value in state_dict.items()}
+    if len(unwrapped) < len(state_dict):  # 'module.x' and 'x': one would replace the other
+        both = sorted(key for key in state_dict if f'module.{key}' in state_dict)
+        raise NatMMError(
+            f'{len(both)} keys appear both with and without the "module." prefix (which one to '
+            f'load would be a guess): {", ".join(both)}',
+            source,
+        )
+    return unwrapped
 
 
 # ----------------------------------------------------------------------------- layouts

@@ -20,7 +20,9 @@ the ``meta`` only), ``detectron2-mask2former``.
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Mapping
+from numbers import Integral
 
 import torch
 from torch import nn
@@ -100,8 +102,17 @@ def convert_model_state_dict(
 
 def written_by_mmcv1(meta: Mapping) -> bool:
     """Whether mmcv 1.x's ``save_checkpoint`` wrote the file (it records ``mmcv_version``;
-    mmengine records ``mmengine_version`` instead)."""
-    return str(meta.get('mmcv_version', '')).startswith('1.')
+    mmengine records ``mmengine_version`` instead).
+
+    Raises:
+        NatMMError: ``mmcv_version`` is not a string (a float 1.4 would read as '1.4').
+    """
+    version = meta.get('mmcv_version')
+    if version is not None and not isinstance(version, str):
+        raise NatMMError(
+            f'meta.mmcv_version must be a version string, got {reprlib.repr(version)}', 'checkpoint'
+        )
+    return version is not None and version.startswith('1.')
 
 
 def dataset_meta_from(meta: Mapping) -> dict | None:
@@ -109,36 +120,81 @@ def dataset_meta_from(meta: Mapping) -> dict | None:
 
     Its own ``dataset_meta`` (keys lower-cased, as mmdet's inferencer reads them), or mmcv 1.x's
     ``CLASSES`` / ``PALETTE`` as ``classes`` (a tuple) / ``palette`` (a list of [r, g, b]).
+    Class names and colours are checked here, so that an odd value from a file fails with its
+    name, not later in an inferencer or a visualizer.
 
     Returns:
         The dataset meta, or None when the meta names no classes.
 
     Raises:
-        NatMMError: ``CLASSES`` is not a list of names or ``PALETTE`` not one of [r, g, b].
+        NatMMError: ``CLASSES`` / ``dataset_meta.classes`` is not a non-empty list of names,
+            ``PALETTE`` not one [r, g, b] of ints 0..255 per class (``dataset_meta.palette``: at
+            least one per class, as mmdet's visualizer needs), ``dataset_meta`` not a dict or
+            with a key spelled twice ('classes' and 'CLASSES').
     """
     own = meta.get('dataset_meta')
-    if isinstance(own, Mapping):
-        return {str(key).lower(): value for key, value in own.items()}
+    if own is not None:
+        if not isinstance(own, Mapping):
+            raise NatMMError(
+                f'meta.dataset_meta must be a dict, got {reprlib.repr(own)}', 'checkpoint'
+            )
+        lowered = {str(key).lower(): value for key, value in own.items()}
+        if len(lowered) < len(own):  # 'CLASSES' and 'classes': one would win silently
+            raise NatMMError(
+                f'meta.dataset_meta spells a key twice: {sorted(map(str, own))}', 'checkpoint'
+            )
+        classes, palette = lowered.get('classes'), lowered.get('palette')
+        if classes is not None:
+            _check_class_names(classes, 'meta.dataset_meta.classes')
+        if palette is not None:
+            _check_palette(palette, 'meta.dataset_meta.palette', len(classes or ()), exact=False)
+        return lowered
     classes = meta.get('CLASSES')
     if classes is None:
         return None
-    if isinstance(classes, str) or not all(isinstance(name, str) for name in classes):
-        raise NatMMError(
-            f'meta.CLASSES must be a list of class names, got {classes!r:.80}', 'checkpoint'
-        )
+    _check_class_names(classes, 'meta.CLASSES')
     dataset_meta = {'classes': tuple(classes)}
     palette = meta.get('PALETTE')
     if palette is not None:
-        if len(palette) != len(classes) or not all(
-            len(color) == 3 and all(isinstance(c, int) for c in color) for color in palette
-        ):
-            raise NatMMError(
-                f'meta.PALETTE must hold one [r, g, b] of ints per class ({len(classes)}), '
-                f'got {palette!r:.80}',
-                'checkpoint',
-            )
+        _check_palette(palette, 'meta.PALETTE', len(classes), exact=True)
         dataset_meta['palette'] = [list(color) for color in palette]
     return dataset_meta
+
+
+def _check_class_names(classes: object, field: str) -> None:
+    """A set or a dict would iterate (unordered / keys only), an int or a 0-d tensor would not."""
+    if not (
+        isinstance(classes, (list, tuple))
+        and classes
+        and all(isinstance(name, str) for name in classes)
+    ):
+        raise NatMMError(
+            f'{field} must be a list of class names (at least one), got {reprlib.repr(classes)}',
+            'checkpoint',
+        )
+
+
+def _check_palette(palette: object, field: str, num_classes: int, exact: bool) -> None:
+    def is_color(color: object) -> bool:
+        return (
+            isinstance(color, (list, tuple))
+            and len(color) == 3
+            and all(
+                isinstance(c, Integral) and not isinstance(c, bool) and 0 <= c <= 255 for c in color
+            )
+        )
+
+    if not (
+        isinstance(palette, (list, tuple))
+        and (len(palette) == num_classes if exact else len(palette) >= num_classes)
+        and all(is_color(color) for color in palette)
+    ):
+        count = num_classes if exact else f'at least {num_classes}'
+        raise NatMMError(
+            f'{field} must hold one [r, g, b] of ints per class ({count}), each 0 to 255, got '
+            f'{reprlib.repr(palette)}',
+            'checkpoint',
+        )
 
 
 def to_host_checkpoint(
@@ -160,11 +216,15 @@ def to_host_checkpoint(
         kept.
 
     Raises:
-        NatMMError: No state dict, unknown host, or a bad ``CLASSES`` / ``PALETTE``.
+        NatMMError: No state dict, unknown host, a ``meta`` that is not a dict, or a bad
+            ``mmcv_version`` / ``CLASSES`` / ``PALETTE`` / ``dataset_meta``.
     """
     state_dict, layout = convert_model_state_dict(unwrap_state_dict(checkpoint, source), host)
     meta = checkpoint.get('meta') if isinstance(checkpoint, Mapping) else None
-    meta = meta if isinstance(meta, Mapping) else {}
+    if meta is None:
+        meta = {}
+    elif not isinstance(meta, Mapping):  # what mmcv / mmengine write is a dict
+        raise NatMMError(f'meta must be a dict, got a {type(meta).__name__}', source)
     if layout == HOST_LAYOUTS[host] and written_by_mmcv1(meta):
         layout = MMCV1_LAYOUTS[host]
     if layout == HOST_LAYOUTS[host]:
@@ -183,7 +243,8 @@ def check_whole_model(state_dict: Mapping[str, torch.Tensor], host: str, source:
     no module only the other library's models have.
 
     Raises:
-        NatMMError: A backbone-only file, or a segmentor's file for a detector (or vice versa).
+        NatMMError: A backbone-only file, a segmentor's file for a detector (or vice versa), or
+            a segmentor without a ``decode_head`` (every mmseg 1.x segmentor has one).
     """
     prefixes = sorted({key.split('.', 1)[0] + '.' for key in state_dict})
     if 'backbone.' not in prefixes or prefixes == ['backbone.']:
@@ -199,5 +260,11 @@ def check_whole_model(state_dict: Mapping[str, torch.Tensor], host: str, source:
         raise NatMMError(
             f'an {other} model, not an {host} one: it has {", ".join(foreign)} (use --to '
             f'{HOST_LAYOUTS[other]})',
+            source,
+        )
+    if host == 'mmseg' and 'decode_head.' not in prefixes:  # e.g. a SOLO-like detector
+        raise NatMMError(
+            f'not a whole mmseg model: it has no decode_head. (every mmseg segmentor has one); '
+            f'its top-level modules are {prefixes[:8]}',
             source,
         )

@@ -14,7 +14,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,9 +40,12 @@ class KeyReport:
     unexpected: list[str]
     mis_shaped: list[str]
     non_finite: list[str]
+    mis_typed: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.missing or self.unexpected or self.mis_shaped or self.non_finite)
+        return bool(
+            self.missing or self.unexpected or self.mis_shaped or self.non_finite or self.mis_typed
+        )
 
     def describe(self) -> str:
         parts = [
@@ -51,6 +54,7 @@ class KeyReport:
                 ('missing keys', self.missing),
                 ('unexpected keys', self.unexpected),
                 ('keys with other shapes', self.mis_shaped),
+                ('keys with another dtype', self.mis_typed),
                 ('keys with NaN or inf values', self.non_finite),
             )
             if keys
@@ -71,7 +75,11 @@ def compare_state_dicts(
         may_be_missing: Model keys that may be absent from the checkpoint (they keep their init).
 
     Returns:
-        The differences, each list sorted.
+        The differences, each list sorted. A float tensor may have another float dtype (fp16,
+        bf16, fp64 load cast to the model's, as ``load_state_dict`` casts), and is checked for
+        NaN / inf in the model's dtype (1e39 in fp64 is inf in fp32); any other change of kind
+        (complex, bool, int, quantized into float or the reverse) and a meta tensor
+        (no data) are reported with the dtypes.
     """
     missing = sorted(key for key in expected if key not in found and not may_be_missing(key))
     unexpected = sorted(key for key in found if key not in expected)
@@ -80,12 +88,36 @@ def compare_state_dicts(
         for key in expected
         if key in found and found[key].shape != expected[key].shape
     )
-    non_finite = sorted(
-        key
-        for key, value in found.items()
-        if value.is_floating_point() and not bool(torch.isfinite(value).all())
+    mis_typed = sorted(
+        f'{key} (checkpoint {_dtype_name(found[key])}, model {expected[key].dtype})'
+        for key in expected
+        if key in found and (found[key].is_meta or _kind(found[key]) != _kind(expected[key]))
     )
-    return KeyReport(missing, unexpected, mis_shaped, non_finite)
+    non_finite = []
+    for key, value in found.items():
+        if not value.is_floating_point() or value.is_meta:
+            continue
+        target = expected.get(key)
+        dtype = target.dtype if target is not None and target.is_floating_point() else None
+        # float8 has no isfinite of its own: checked in float32
+        dtype = dtype or torch.promote_types(value.dtype, torch.float32)
+        if not bool(torch.isfinite(value.to(dtype)).all()):
+            non_finite.append(key)
+    return KeyReport(missing, unexpected, mis_shaped, sorted(non_finite), mis_typed)
+
+
+def _kind(tensor: torch.Tensor) -> tuple[bool, ...]:
+    """What a cast between two dtypes of one kind keeps: float, complex, bool, quantized, int."""
+    return (
+        tensor.is_floating_point(),
+        tensor.is_complex(),
+        tensor.dtype == torch.bool,
+        tensor.is_quantized,
+    )
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return 'a meta tensor' if tensor.is_meta else str(tensor.dtype)
 
 
 def load_model_checkpoint(

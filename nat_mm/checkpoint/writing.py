@@ -134,7 +134,9 @@ def _write_whole_model(
     check_whole_model(host_checkpoint['state_dict'], host, source)
     # What only resuming a run would use (mmcv 1.x's or mmengine's optimizer, schedulers, ...).
     dropped = []
-    if isinstance(checkpoint, Mapping):
-        dropped = sorted(key for key in checkpoint if key not in ('state_dict', 'model', 'meta'))
+    if isinstance(checkpoint, Mapping):  # names as str: a file's keys need not all be strings
+        dropped = sorted(
+            str(key) for key in checkpoint if key not in ('state_dict', 'model', 'meta')
+        )
     written = save_checkpoint_file(host_checkpoint, path)
     return written, source_layout, dropped

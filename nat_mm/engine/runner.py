@@ -16,7 +16,10 @@ Enable it with ``runner_type = 'SafeLoadRunner'`` in a config (nat_mm's configs 
 
 from __future__ import annotations
 
+from numbers import Integral
+
 from mmengine.hooks import CheckpointHook
+from mmengine.logging import MessageHub
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
@@ -24,8 +27,10 @@ from nat_mm.checkpoint import load_checkpoint, load_model_state
 from nat_mm.engine.resume import checkpoint_folders, find_resume_checkpoint
 from nat_mm.errors import NatMMError
 
-# What mmengine's Runner.resume reads from a checkpoint besides the weights.
-_RESUME_KEYS = ('meta', 'message_hub')
+# What mmengine's Runner.resume reads from a checkpoint besides the weights (and the optimizer
+# and schedulers, which it skips where absent): meta's counters, MessageHub.load_state_dict's keys.
+_RESUME_META = ('epoch', 'iter')
+_HUB_STATE = ('log_scalars', 'runtime_info', 'resumed_keys')
 
 
 @RUNNERS.register_module()
@@ -93,10 +98,24 @@ class SafeLoadRunner(Runner):
 
 
 def _check_resumable(checkpoint: object, filename: str) -> None:
-    """Raises unless ``checkpoint`` holds the training state mmengine's resume reads."""
-    missing = [
-        key for key in _RESUME_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint
-    ]
+    """Raises unless ``checkpoint`` holds the training state mmengine's resume reads after the
+    weights: ``meta`` with int ``epoch`` / ``iter`` and the message hub's state (anything less
+    failed there with a KeyError / AssertionError, or trained on from ``iter = '4'``)."""
+    checkpoint = checkpoint if isinstance(checkpoint, dict) else {}
+    meta, hub = checkpoint.get('meta'), checkpoint.get('message_hub')
+    missing = []
+    if not isinstance(meta, dict):
+        missing.append('meta')
+    else:
+        missing += [
+            f'meta.{key} (an int)'
+            for key in _RESUME_META
+            if not isinstance(meta.get(key), Integral) or isinstance(meta.get(key), bool)
+        ]
+    if not isinstance(hub, MessageHub) and not (
+        isinstance(hub, dict) and all(isinstance(hub.get(key), dict) for key in _HUB_STATE)
+    ):
+        missing.append(f'message_hub (a dict of {", ".join(_HUB_STATE)})')
     if missing:
         raise NatMMError(
             f'cannot resume from this file: it has no {" / ".join(missing)} (not an mmengine '
