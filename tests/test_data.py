@@ -80,6 +80,43 @@ def test_scene_is_a_pure_function_of_the_seed():
     assert not np.array_equal(first.image, other.image)
 
 
+def test_each_thing_class_has_its_own_hue_range():
+    import colorsys
+
+    from nat_mm.data.scenes import THING_HUES
+
+    hues = {label: [] for label in range(len(THING_CLASSES))}
+    for seed in range(20):
+        scene = make_scene(np.random.default_rng(seed), 64, 64)
+        for obj in scene.objects:
+            red, green, blue = scene.image[obj.mask].mean(axis=0) / 255
+            hue, saturation, _ = colorsys.rgb_to_hsv(red, green, blue)
+            assert saturation > 0.6
+            hues[obj.label].append(hue * 360)
+    for label, (low, high) in enumerate(THING_HUES):
+        assert hues[label], f'no {THING_CLASSES[label]} drawn'
+        # Signed distance to the range's centre, on the circle (reds wrap around 0).
+        offsets = (np.array(hues[label]) - (low + high) / 2 + 180) % 360 - 180
+        assert np.abs(offsets).max() <= (high - low) / 2 + 5  # the shading moves it a little
+
+
+def test_data_of_an_earlier_scene_version_is_drawn_again(tmp_path):
+    from nat_mm.data.demo_datasets import SCENE_VERSION, SETTINGS_FILE
+
+    root = str(tmp_path / 'data')
+    settings = DemoDataSettings(num_train=2, num_val=1, height=32, width=32)
+    generate_demo_datasets(root, settings)
+    stored = json.loads((tmp_path / 'data' / SETTINGS_FILE).read_text())
+    assert stored['scene_version'] == SCENE_VERSION
+    del stored['scene_version']  # as written before the version was recorded
+    (tmp_path / 'data' / SETTINGS_FILE).write_text(json.dumps(stored))
+    assert read_settings(root).scene_version == 1
+    assert generate_demo_datasets(root, settings)['reused'] is False
+    assert read_settings(root) == settings
+    with pytest.raises(ValueError, match='scene_version'):
+        generate_demo_datasets(root, DemoDataSettings(num_train=2, num_val=1, scene_version=1))
+
+
 def test_scene_rejects_tiny_images():
     with pytest.raises(ValueError, match='height and width'):
         make_scene(np.random.default_rng(0), 16, 64)

@@ -12,9 +12,11 @@ custom_imports = dict(imports=['nat_mm', 'nat_mm.models'], allow_failed_imports=
 
 data_root = 'data/nat_mm_demo/coco/'
 classes = ('circle', 'square', 'triangle')
+# The segmentation and panoptic demos' colours for the same classes (pictures, grids).
+metainfo = dict(classes=classes, palette=[(230, 25, 75), (60, 180, 75), (0, 130, 200)])
 image_scale = (128, 128)
 neck_channels = 64
-max_iters = 800
+max_iters = 600
 
 model = dict(
     backbone=dict(
@@ -74,7 +76,7 @@ train_dataloader = dict(
     persistent_workers=False,
     dataset=dict(
         data_root=data_root,
-        metainfo=dict(classes=classes),
+        metainfo=metainfo,
         filter_cfg=dict(filter_empty_gt=True, min_size=0),
         pipeline=train_pipeline,
     ),
@@ -83,7 +85,7 @@ val_dataloader = dict(
     batch_size=2,
     num_workers=0,
     persistent_workers=False,
-    dataset=dict(data_root=data_root, metainfo=dict(classes=classes), pipeline=test_pipeline),
+    dataset=dict(data_root=data_root, metainfo=metainfo, pipeline=test_pipeline),
 )
 test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json')
@@ -106,7 +108,7 @@ optim_wrapper = dict(
 runner_type = 'SafeLoadRunner'  # docs/checkpoints.md
 default_hooks = dict(
     logger=dict(interval=20),
-    checkpoint=dict(type='CrashSafeCheckpointHook', by_epoch=False, interval=200, max_keep_ckpts=2),
+    checkpoint=dict(type='CrashSafeCheckpointHook', by_epoch=False, interval=300, max_keep_ckpts=2),
 )
 log_processor = dict(by_epoch=False)
 env_cfg = dict(cudnn_benchmark=False)

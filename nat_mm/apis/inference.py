@@ -38,6 +38,17 @@ def _safe_inferencer_class(base: type, library: str) -> type:
             host_checkpoint = load_model_state(model, checkpoint, source)
             super()._load_weights_to_model(model, host_checkpoint, cfg)
 
+        def visualize(self, inputs, preds, **kwargs):
+            if library == 'mmdet':
+                # mmdet's panoptic drawing fails on a map without any segment (every pixel
+                # void, as an untrained model predicts): such a prediction shows the bare image.
+                void = len(self.model.dataset_meta['classes'])
+                for pred in preds:
+                    panoptic = pred.get('pred_panoptic_seg')
+                    if panoptic is not None and (panoptic.sem_seg == void).all():
+                        del pred.pred_panoptic_seg
+            return super().visualize(inputs, preds, **kwargs)
+
     SafeInferencer.__name__ = SafeInferencer.__qualname__ = f'Safe{base.__name__}'
     return SafeInferencer
 

@@ -1,24 +1,33 @@
-"""The main job (``make demo``): generate the demo data, train, evaluate and paint two models.
+"""The main job (``make demo``): generate the demo data, then for each head family the project
+serves (Mask R-CNN + NAT, UPerNet + DiNAT, Mask2Former + NAT):
 
-1. Generate the embedded demo datasets (COCO instances / panoptic + ADE20K layout).
-2. Evaluate an untrained Mask R-CNN + NAT (bbox / segm mAP with pycocotools via CocoMetric).
-3. Train it and evaluate it again.
-4. Train and evaluate an UPerNet + DiNAT (mIoU via IoUMetric).
-5. Paint predictions of both on validation images.
-6. Print and save a summary (``<work-dir>/summary.json``).
+a. evaluate the model with fresh initial weights (the untrained baseline);
+b. train it;
+c. evaluate it again on the same validation images (mmdet's ``CocoMetric``, mmseg's
+   ``IoUMetric`` with per-class figures, mmdet's ``CocoPanopticMetric``);
+d. paint its predictions (one picture per image) and a grid of input | ground truth |
+   prediction rows;
 
-Every stage runs nat_mm's command-line tool (``python -m nat_mm.tools.<name>``) in a subprocess,
-so the job checks the tools too and each stage starts with fresh registries and memory.
+and print a summary table (also ``<work-dir>/summary.json``, with every figure).
+
+Every training, evaluation and painting step runs nat_mm's command-line tool
+(``python -m nat_mm.tools.<name>``) in a subprocess, so the job checks the tools too and each step
+starts with fresh registries and memory. A step's full output goes to ``<work-dir>/logs/``; the
+console shows one line per step and the tools' progress lines.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from nat_mm.apis.config import build_model, load_config
@@ -32,9 +41,14 @@ from nat_mm.fileio import atomic_write_bytes
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), 'configs')
 DET_CONFIG = os.path.join(CONFIG_DIR, 'demo', 'mask-rcnn_nat-demo_fpn_shapes-128.py')
 SEG_CONFIG = os.path.join(CONFIG_DIR, 'demo', 'dinat-demo_upernet_shapes-128.py')
+PAN_CONFIG = os.path.join(CONFIG_DIR, 'demo', 'mask2former_nat-demo_shapes-128-panoptic.py')
 # mmengine validates after the last iteration whatever val_interval says; the job evaluates
 # with the test tool right after training, so validation inside training is switched off.
 NO_VALIDATION = ('val_cfg=None', 'val_dataloader=None', 'val_evaluator=None')
+GRID_IMAGES = 4
+# Console lines of a step: the tools' progress and results (the full output is in its log).
+_PROGRESS = re.compile(r'(Iter\((?:train|test)\) \[\s*\d+/\d+\]|wrote \d+ pictures|^error: )')
+_LOG_TAIL_LINES = 40
 
 
 @dataclass(frozen=True)
@@ -42,13 +56,14 @@ class MainJobSettings:
     """What the main job runs on.
 
     Attributes:
-        work_dir: Output folder (checkpoints, metrics, pictures, summary.json).
+        work_dir: Output folder (checkpoints, metrics, pictures, logs, summary.json).
         data_root: Where the demo data is generated (reused when the settings match).
         num_train: Training images.
         num_val: Validation images.
         det_iters: Detector iterations, or None for the config's.
         seg_iters: Segmentor iterations, or None for the config's.
-        pictures: Validation images to paint per model.
+        pan_iters: Mask2Former iterations, or None for the config's.
+        pictures: Validation images to paint per model (the grids show at most 4 of them).
         force: Run into a work dir that holds an earlier run, replacing its files.
     """
 
@@ -58,6 +73,7 @@ class MainJobSettings:
     num_val: int = DemoDataSettings.num_val
     det_iters: int | None = None
     seg_iters: int | None = None
+    pan_iters: int | None = None
     pictures: int = 8
     force: bool = False
 
@@ -65,12 +81,9 @@ class MainJobSettings:
 def det_overrides(data_root: str, iters: int | None) -> list[str]:
     """``--cfg-options`` pointing the detection config at ``data_root`` (and its length)."""
     coco = os.path.join(data_root, 'coco') + '/'
-    options = [
-        f'train_dataloader.dataset.data_root={coco}',
-        f'val_dataloader.dataset.data_root={coco}',
-        f'test_dataloader.dataset.data_root={coco}',
-        f'val_evaluator.ann_file={coco}annotations/instances_val2017.json',
-        f'test_evaluator.ann_file={coco}annotations/instances_val2017.json',
+    options = [f'{loader}.dataset.data_root={coco}' for loader in _LOADERS] + [
+        f'{evaluator}.ann_file={coco}annotations/instances_val2017.json'
+        for evaluator in _EVALUATORS
     ]
     return options + _length_overrides(iters)
 
@@ -78,8 +91,23 @@ def det_overrides(data_root: str, iters: int | None) -> list[str]:
 def seg_overrides(data_root: str, iters: int | None) -> list[str]:
     """``--cfg-options`` pointing the segmentation config at ``data_root`` (and its length)."""
     ade = os.path.join(data_root, ADE_SUBDIR)
-    loaders = ('train_dataloader', 'val_dataloader', 'test_dataloader')
-    return [f'{loader}.dataset.data_root={ade}' for loader in loaders] + _length_overrides(iters)
+    return [f'{loader}.dataset.data_root={ade}' for loader in _LOADERS] + _length_overrides(iters)
+
+
+def pan_overrides(data_root: str, iters: int | None) -> list[str]:
+    """``--cfg-options`` pointing the Mask2Former config at ``data_root`` (and its length)."""
+    coco = os.path.join(data_root, 'coco') + '/'
+    options = [f'{loader}.dataset.data_root={coco}' for loader in _LOADERS]
+    for evaluator in _EVALUATORS:
+        options += [
+            f'{evaluator}.ann_file={coco}annotations/panoptic_val2017.json',
+            f'{evaluator}.seg_prefix={coco}annotations/panoptic_val2017/',
+        ]
+    return options + _length_overrides(iters)
+
+
+_LOADERS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
+_EVALUATORS = ('val_evaluator', 'test_evaluator')
 
 
 def _length_overrides(iters: int | None) -> list[str]:
@@ -97,19 +125,126 @@ def _length_overrides(iters: int | None) -> list[str]:
     ]
 
 
-def run_tool_step(title: str, tool: str, arguments: list[str]) -> float:
-    """Runs ``python -m nat_mm.tools.<tool>`` (output streamed); returns its wall time (s).
+@dataclass(frozen=True)
+class Family:
+    """One head family of the job: its config, data and the figures its summary shows.
 
-    Raises:
-        NatMMError: The step exited with a non-zero status.
+    Attributes:
+        name: Folder and summary key ('detector', 'segmentor', 'panoptic').
+        title: The model, as the summary names it.
+        config: The demo config.
+        overrides: ``(data_root, iters) -> --cfg-options``.
+        grid: :mod:`nat_mm.apis.grids` family ('instances', 'semantic', 'panoptic').
+        metrics: (metrics.json key, label) of the figures compared untrained -> trained.
+        digits: Decimals the summary shows (mAP is a fraction, mIoU and PQ are percentages).
     """
-    command = [sys.executable, '-m', f'nat_mm.tools.{tool}', *arguments]
-    print(f'\n=== {title}\n$ {" ".join(command)}', flush=True)
-    start = time.perf_counter()
-    completed = subprocess.run(command, check=False)
-    if completed.returncode != 0:
-        raise NatMMError(f'step "{title}" failed with exit status {completed.returncode}', tool)
-    return time.perf_counter() - start
+
+    name: str
+    title: str
+    config: str
+    overrides: Callable[[str, int | None], list[str]]
+    grid: str
+    metrics: tuple[tuple[str, str], ...]
+    digits: int = 2
+
+
+FAMILIES = (
+    Family(
+        'detector', 'Mask R-CNN + NAT (embed 32, depths 1-1-2-1, k7)', DET_CONFIG, det_overrides,
+        'instances',
+        (('coco/bbox_mAP', 'bbox mAP'), ('coco/bbox_mAP_50', 'bbox mAP50'),
+         ('coco/segm_mAP', 'segm mAP'), ('coco/segm_mAP_50', 'segm mAP50')),
+        digits=3,
+    ),
+    Family(
+        'segmentor', 'UPerNet + DiNAT (embed 32, depths 2-2-2-1, k7, dilation <= 4)', SEG_CONFIG,
+        seg_overrides, 'semantic',
+        (('mIoU', 'mIoU'), ('mAcc', 'mAcc'), ('aAcc', 'aAcc')),
+    ),
+    Family(
+        'panoptic', 'Mask2Former + NAT (embed 32, depths 1-1-2-1, k7; 64-d head)', PAN_CONFIG,
+        pan_overrides, 'panoptic',
+        (('coco_panoptic/PQ', 'PQ'), ('coco_panoptic/SQ', 'SQ'), ('coco_panoptic/RQ', 'RQ'),
+         ('coco_panoptic/PQ_th', 'PQ things'), ('coco_panoptic/PQ_st', 'PQ stuff')),
+    ),
+)  # fmt: skip
+
+
+class StepRunner:
+    """Runs the job's steps as tool subprocesses: numbered progress on the console, each step's
+    full output in ``<log_dir>/<NN>-<name>.log``, wall times kept by name."""
+
+    def __init__(self, log_dir: str, total_steps: int) -> None:
+        self.log_dir = log_dir
+        self.total_steps = total_steps
+        self.number = 0
+        self.times: dict[str, float] = {}
+        self.logs: dict[str, str] = {}
+        os.makedirs(log_dir, exist_ok=True)
+
+    def announce(self, title: str) -> None:
+        self.number += 1
+        print(f'[{self.number}/{self.total_steps}] {title}', flush=True)
+
+    def tool(self, key: str, title: str, tool: str, arguments: list[str]) -> None:
+        """Runs ``python -m nat_mm.tools.<tool> ARGUMENTS`` as the next step.
+
+        Raises:
+            NatMMError: The step exited with a non-zero status (the log's tail is printed).
+        """
+        self.announce(title)
+        log = os.path.join(self.log_dir, f'{self.number:02d}-{key}.log')
+        command = [sys.executable, '-m', f'nat_mm.tools.{tool}', *arguments]
+        start = time.perf_counter()
+        with open(log, 'w') as log_file:
+            log_file.write('$ ' + ' '.join(command) + '\n')
+            log_file.flush()
+            process = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                env=dict(os.environ, PYTHONUNBUFFERED='1'),
+            )  # fmt: skip
+            try:
+                for line in process.stdout:  # text mode: progress bars' '\r' become lines
+                    log_file.write(line)
+                    match = _PROGRESS.search(line)
+                    if match:
+                        print('      ' + _progress_line(line, match.start()), flush=True)
+            except BaseException:  # Ctrl-C, SIGTERM: the step ends with the job
+                process.kill()
+                raise
+            finally:
+                process.stdout.close()
+                status = process.wait()
+        self.times[key] = time.perf_counter() - start
+        self.logs[key] = log
+        if status != 0:
+            with open(log) as f:
+                print(''.join(f.readlines()[-_LOG_TAIL_LINES:]), file=sys.stderr, flush=True)
+            raise NatMMError(f'step "{title}" failed with exit status {status}', log)
+
+    def timed(self, key: str, work: Callable, *arguments, quiet: bool = True) -> object:
+        """Runs ``work(*arguments)`` in this process, keeping its wall time under ``key``;
+        ``quiet``: what it prints goes to ``<log_dir>/<NN>-<key>.log``."""
+        start = time.perf_counter()
+        if quiet:
+            log = os.path.join(self.log_dir, f'{self.number:02d}-{key}.log')
+            with open(log, 'a') as log_file, contextlib.redirect_stdout(log_file):
+                result = work(*arguments)
+            self.logs[key] = log
+        else:
+            result = work(*arguments)
+        self.times[key] = time.perf_counter() - start
+        return result
+
+
+def _progress_line(line: str, start: int) -> str:
+    """A tool's progress line, short: position, eta and loss (the log keeps the rest)."""
+    text = line[start:].strip()
+    if not text.startswith('Iter('):
+        return text
+    head = text[: text.index(']') + 1]
+    fields = [f'{name} {value}' for name, value in re.findall(r'\b(eta|loss): (\S+)', text)]
+    return '  '.join([head, *fields])
 
 
 def save_untrained_checkpoint(config: str, overrides: list[str], path: str) -> None:
@@ -147,35 +282,92 @@ def _read_json(path: str) -> dict:
         return json.load(f)
 
 
+def _val_images(family: Family, data_root: str) -> str:
+    if family.grid == 'semantic':
+        return os.path.join(data_root, ADE_SUBDIR, 'images', 'validation')
+    return os.path.join(data_root, 'coco', 'val2017')
+
+
+def paint_family_grid(
+    family: Family, checkpoint: str, data_root: str, out_file: str, count: int, force: bool
+) -> str:
+    """The grid of the first ``count`` validation images (:mod:`nat_mm.apis.grids`)."""
+    from nat_mm.apis import grids
+    from nat_mm.apis.inference import init_inferencer, list_images
+
+    options = _parse_overrides(family.overrides(data_root, None))
+    inferencer = init_inferencer(family.config, checkpoint, 'cpu', options)
+    images = list_images(_val_images(family, data_root), count)
+    meta = inferencer.model.dataset_meta
+    names = [os.path.basename(path) for path in images]
+    annotations = os.path.join(data_root, 'coco', 'annotations')
+    if family.grid == 'instances':
+        truth = grids.instance_ground_truth(
+            os.path.join(annotations, 'instances_val2017.json'), list(meta['classes'])
+        )
+        ground_truth = [truth[name] for name in names]
+    elif family.grid == 'panoptic':
+        truth = grids.panoptic_ground_truth(
+            os.path.join(annotations, 'panoptic_val2017.json'), list(meta['classes']),
+            meta['thing_classes'],
+        )  # fmt: skip
+        ground_truth = [truth[name] for name in names]
+    else:
+        labels = os.path.join(data_root, ADE_SUBDIR, 'annotations', 'validation')
+        ground_truth = [
+            grids.semantic_ground_truth(
+                os.path.join(labels, os.path.splitext(name)[0] + '.png'), len(meta['classes'])
+            )
+            for name in names
+        ]
+    title = f'{family.title}: input | ground truth | prediction (x{grids.SCALE})'
+    return grids.paint_grid(
+        family.grid, inferencer, images, ground_truth, out_file, title, force=force
+    )
+
+
 def summarize(results: dict) -> str:
-    """The summary printed at the end of the job."""
-    det_untrained, det, seg = (results[k] for k in ('detector_untrained', 'detector', 'segmentor'))
+    """The summary table printed at the end of the job."""
+    rule = '=' * 78
+    data = results['data']
     lines = [
+        '', rule, 'nat_mm main job: summary', rule,
+        f'data: {data["train_images"]} train / {data["val_images"]} val images in {data["root"]}',
         '',
-        '=' * 72,
-        'nat_mm main job: summary',
-        '=' * 72,
-        f'data: {results["data"]["train_images"]} train / {results["data"]["val_images"]} val '
-        f'images in {results["data"]["root"]}',
-        f'Mask R-CNN + NAT (embed 32, depths 1-1-2-1, k7), {results["det_iters"]} iterations:',
-        f'  bbox mAP  untrained {det_untrained["coco/bbox_mAP"]:.3f}  ->  trained '
-        f'{det["coco/bbox_mAP"]:.3f}   (mAP50 {det["coco/bbox_mAP_50"]:.3f})',
-        f'  segm mAP  untrained {det_untrained["coco/segm_mAP"]:.3f}  ->  trained '
-        f'{det["coco/segm_mAP"]:.3f}   (mAP50 {det["coco/segm_mAP_50"]:.3f})',
-        f'UPerNet + DiNAT (embed 32, depths 2-2-2-1, k7, dilation <= 4), '
-        f'{results["seg_iters"]} iterations:',
-        f'  mIoU {seg["mIoU"]:.2f}   aAcc {seg["aAcc"]:.2f}   mAcc {seg["mAcc"]:.2f}',
-        f'pictures: {results["pictures"]["detector"]}',
-        f'          {results["pictures"]["segmentor"]}',
-        f'checkpoints: {results["checkpoints"]["detector"]}',
-        f'             {results["checkpoints"]["segmentor"]}',
+        f'{"model / metric":<52}{"untrained":>12}{"trained":>12}',
+    ]  # fmt: skip
+    for family in FAMILIES:
+        result = results[family.name]
+        lines.append(f'{family.title}, {result["iterations"]} iterations')
+        for key, label in family.metrics:
+            before, after = result['untrained'].get(key), result['trained'].get(key)
+            before, after = (_figure(v, family.digits) for v in (before, after))
+            lines.append(f'  {label:<50}{before:>12}{after:>12}')
+        if family.name == 'segmentor':
+            for state in ('untrained', 'trained'):
+                per_class = [
+                    f'{key[4:]} {value:.1f}'
+                    for key, value in result[state].items()
+                    if key.startswith('IoU.')
+                ]
+                lines.append(f'  IoU per class, {state}: ' + ', '.join(per_class))
+    lines += ['', 'grids (input | ground truth | prediction):']
+    lines += [f'  {results[f.name]["grid"]}' for f in FAMILIES]
+    lines += ['pictures (one per image):']
+    lines += [f'  {results[f.name]["pictures"]}' for f in FAMILIES]
+    lines += [
+        f'logs of every step: {results["log_dir"]}',
         'step times (s): '
         + ', '.join(f'{name} {seconds:.0f}' for name, seconds in results['times'].items()),
-        f'total wall time: {results["total_seconds"] / 60:.1f} min; summary in '
+        f'total wall time: {results["total_seconds"] / 60:.1f} min; every figure in '
         f'{os.path.join(results["work_dir"], "summary.json")}',
-        '=' * 72,
+        rule,
     ]
     return '\n'.join(lines)
+
+
+def _figure(value: float | None, digits: int) -> str:
+    return '-' if value is None else f'{value:.{digits}f}'
 
 
 def _check_work_dir(work_dir: str, force: bool) -> None:
@@ -189,6 +381,84 @@ def _check_work_dir(work_dir: str, force: bool) -> None:
         )
 
 
+def _iterations(settings: MainJobSettings, family: Family) -> int:
+    iters = {'detector': settings.det_iters, 'segmentor': settings.seg_iters,
+             'panoptic': settings.pan_iters}[family.name]  # fmt: skip
+    return iters or load_config(family.config).train_cfg.max_iters
+
+
+@contextlib.contextmanager
+def _library_output_to(log_file: str) -> Iterator[None]:
+    """The host libraries' log records and Python warnings of this process (building the
+    untrained models, painting the grids) go to ``log_file`` instead of the console; errors
+    still reach the console."""
+    import logging
+
+    from mmengine.logging import MMLogger
+
+    # The newest MMLogger is the one mmengine's print_log(logger='current') writes to.
+    logger = MMLogger.get_instance(f'nat_mm_main_job_{os.getpid()}', log_file=log_file)
+    for handler in logger.handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.ERROR)
+
+    def log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        logger.warning(warnings.formatwarning(message, category, filename, lineno, line).strip())
+
+    with warnings.catch_warnings():
+        warnings.showwarning = log_warning
+        yield
+
+
+def _run_family(
+    family: Family, settings: MainJobSettings, data_root: str, work_dir: str, steps: StepRunner
+) -> dict:
+    """Steps a-d of one family (module docstring); returns its part of the summary."""
+    iters = _iterations(settings, family)
+    options = family.overrides(data_root, iters)
+    folder = os.path.join(work_dir, family.name)
+    force = ['--force'] if settings.force else []
+    metrics = {}
+
+    def evaluate(state: str, checkpoint: str) -> None:
+        metrics_json = os.path.join(folder, f'metrics_{state}.json')
+        steps.tool(f'{family.name}_eval_{state}', f'evaluate the {state} {family.name}', 'test', [
+            family.config, checkpoint, '--work-dir', os.path.join(folder, f'test_{state}'),
+            '--metrics-json', metrics_json, *force, '--cfg-options', *options,
+        ])  # fmt: skip
+        metrics[state] = _read_json(metrics_json)
+
+    untrained = os.path.join(work_dir, 'untrained', f'{family.name}.pth')
+    steps.timed(f'{family.name}_init', save_untrained_checkpoint, family.config, options, untrained)
+    evaluate('untrained', untrained)
+    steps.tool(f'{family.name}_train', f'train the {family.name}', 'train', [
+        family.config, '--work-dir', folder, *force, '--cfg-options', *options, *NO_VALIDATION,
+    ])  # fmt: skip
+    trained = _final_checkpoint(folder)
+    evaluate('trained', trained)
+    pictures = os.path.join(work_dir, 'pictures', family.name)
+    steps.tool(f'{family.name}_pictures', f'paint {family.name} predictions', 'demo', [
+        family.config, trained, _val_images(family, data_root), '--out-dir', pictures,
+        '--limit', str(settings.pictures), *force, '--cfg-options', *options,
+    ])  # fmt: skip
+    grid = os.path.join(work_dir, 'pictures', f'{family.name}_grid.png')
+    steps.announce(f'paint the {family.name} grid')
+    count = min(GRID_IMAGES, settings.pictures)
+    steps.timed(f'{family.name}_grid', paint_family_grid, family, trained, data_root, grid, count,
+                settings.force)  # fmt: skip
+    print(f'      wrote {grid}', flush=True)
+    return {
+        'model': family.title,
+        'config': family.config,
+        'iterations': iters,
+        'untrained': metrics['untrained'],
+        'trained': metrics['trained'],
+        'checkpoint': trained,
+        'pictures': pictures,
+        'grid': grid,
+    }
+
+
 def run_main_job(settings: MainJobSettings) -> dict:
     """Runs the whole job; returns the summary it also writes to ``summary.json``.
 
@@ -196,86 +466,35 @@ def run_main_job(settings: MainJobSettings) -> dict:
         NatMMError: A bad setting, a work dir with an earlier run (without ``force``), or a
             step that failed.
     """
-    for config in (DET_CONFIG, SEG_CONFIG):
-        if not os.path.isfile(config):
-            raise NatMMError('the demo configs ship with the repository: run from a clone', config)
+    for family in FAMILIES:
+        if not os.path.isfile(family.config):
+            raise NatMMError('the demo configs ship with the repository: run from a clone',
+                             family.config)  # fmt: skip
     work_dir, data_root = os.path.abspath(settings.work_dir), os.path.abspath(settings.data_root)
     _check_work_dir(work_dir, settings.force)
+    if settings.pictures < 1:
+        raise NatMMError(f'expected at least 1 picture, got {settings.pictures}', '--pictures')
     try:
         data_settings = DemoDataSettings(num_train=settings.num_train, num_val=settings.num_val)
     except ValueError as error:
         raise NatMMError(str(error), '--num-train / --num-val') from error
-    # SIGTERM becomes SystemExit, so subprocess.run kills the running step instead of orphaning it.
+    # SIGTERM becomes SystemExit, so that the running step is killed instead of orphaned.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     start = time.perf_counter()
-    det_dir, seg_dir = os.path.join(work_dir, 'detector'), os.path.join(work_dir, 'segmentor')
-    force = ['--force'] if settings.force else []
-    times: dict[str, float] = {}
+    steps = StepRunner(os.path.join(work_dir, 'logs'), total_steps=1 + 5 * len(FAMILIES))
 
-    print('=== 1. demo data', flush=True)
-    step_start = time.perf_counter()
-    generate_demo_data(data_root, data_settings)
-    times['data'] = time.perf_counter() - step_start
-
-    det_options = det_overrides(data_root, settings.det_iters)
-    seg_options = seg_overrides(data_root, settings.seg_iters)
-    untrained = os.path.join(work_dir, 'untrained', 'detector.pth')
-    step_start = time.perf_counter()
-    save_untrained_checkpoint(DET_CONFIG, det_options, untrained)
-    det_untrained_json = os.path.join(det_dir, 'metrics_untrained.json')
-    run_tool_step('2. evaluate the untrained detector', 'test', [
-        DET_CONFIG, untrained, '--work-dir', os.path.join(det_dir, 'test_untrained'),
-        '--metrics-json', det_untrained_json, *force, '--cfg-options', *det_options,
-    ])  # fmt: skip
-    times['det_untrained_eval'] = time.perf_counter() - step_start
-
-    trained = {}
-    for name, config, folder, options, iters_key in (
-        ('detector', DET_CONFIG, det_dir, det_options, 'det'),
-        ('segmentor', SEG_CONFIG, seg_dir, seg_options, 'seg'),
-    ):  # fmt: skip
-        number = '3' if name == 'detector' else '4'
-        times[f'{iters_key}_train'] = run_tool_step(f'{number}a. train the {name}', 'train', [
-            config, '--work-dir', folder, *force, '--cfg-options', *options, *NO_VALIDATION,
-        ])  # fmt: skip
-        trained[name] = _final_checkpoint(folder)
-        title = f'{number}b. evaluate the trained {name}'
-        times[f'{iters_key}_eval'] = run_tool_step(title, 'test', [
-            config, trained[name], '--work-dir', os.path.join(folder, 'test'),
-            '--metrics-json', os.path.join(folder, 'metrics.json'), *force,
-            '--cfg-options', *options,
-        ])  # fmt: skip
-
-    pictures = {name: os.path.join(work_dir, 'pictures', name) for name in trained}
-    step_start = time.perf_counter()
-    for name, config, options, images in (
-        ('detector', DET_CONFIG, det_options, os.path.join(data_root, 'coco', 'val2017')),
-        ('segmentor', SEG_CONFIG, seg_options,
-         os.path.join(data_root, ADE_SUBDIR, 'images', 'validation')),
-    ):  # fmt: skip
-        run_tool_step(f'5. paint {name} predictions', 'demo', [
-            config, trained[name], images, '--out-dir', pictures[name],
-            '--limit', str(settings.pictures), *force, '--cfg-options', *options,
-        ])  # fmt: skip
-    times['pictures'] = time.perf_counter() - step_start
-
-    results = {
+    results: dict = {
         'work_dir': work_dir,
-        'data': {
-            'root': data_root,
-            'train_images': settings.num_train,
-            'val_images': settings.num_val,
-        },
-        'det_iters': settings.det_iters or load_config(DET_CONFIG).train_cfg.max_iters,
-        'seg_iters': settings.seg_iters or load_config(SEG_CONFIG).train_cfg.max_iters,
-        'detector_untrained': _read_json(det_untrained_json),
-        'detector': _read_json(os.path.join(det_dir, 'metrics.json')),
-        'segmentor': _read_json(os.path.join(seg_dir, 'metrics.json')),
-        'pictures': pictures,
-        'checkpoints': trained,
-        'times': times,
-        'total_seconds': time.perf_counter() - start,
-    }
+        'data': {'root': data_root, 'train_images': settings.num_train,
+                 'val_images': settings.num_val},
+    }  # fmt: skip
+    with _library_output_to(os.path.join(steps.log_dir, 'main_job.log')):
+        steps.announce('generate the demo data')
+        steps.timed('data', generate_demo_data, data_root, data_settings, quiet=False)
+        for family in FAMILIES:
+            results[family.name] = _run_family(family, settings, data_root, work_dir, steps)
+    results.update(log_dir=steps.log_dir, logs=steps.logs, times=steps.times,
+                   total_seconds=time.perf_counter() - start)  # fmt: skip
     atomic_write_bytes(
         json.dumps(results, indent=2).encode(), os.path.join(work_dir, 'summary.json')
     )

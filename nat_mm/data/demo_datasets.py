@@ -42,6 +42,9 @@ SETTINGS_FILE = 'demo_data.json'
 ADE_SUBDIR = osp.join('ade', 'ADEChallengeData2016')
 _SPLIT_SEED = {'train': 0, 'val': 1}
 _JPEG_QUALITY = 95
+# How scenes are drawn; a folder written by another version is regenerated, not reused.
+# 2: each thing class has its own hue range (scenes.THING_HUES).
+SCENE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class DemoDataSettings:
         seed: Base seed.
         mask_format: COCO instance masks: 'polygon', 'rle' or 'mixed'.
         max_objects: Objects per image are drawn from 1..max_objects.
+        scene_version: How the scenes are drawn (:data:`SCENE_VERSION`).
     """
 
     num_train: int = 400
@@ -65,6 +69,7 @@ class DemoDataSettings:
     seed: int = 0
     mask_format: str = 'mixed'
     max_objects: int = 4
+    scene_version: int = SCENE_VERSION
 
     def __post_init__(self) -> None:
         if self.num_train < 1 or self.num_val < 1:
@@ -156,7 +161,9 @@ def read_settings(root: str) -> DemoDataSettings | None:
     if not osp.isfile(path):
         return None
     with open(path) as f:
-        return DemoDataSettings(**json.load(f))
+        stored = json.load(f)
+    stored.setdefault('scene_version', 1)  # written before the version was recorded
+    return DemoDataSettings(**stored)
 
 
 def generate_demo_datasets(
@@ -174,11 +181,16 @@ def generate_demo_datasets(
         force: Regenerate even if ``root`` holds a dataset with the same settings.
 
     Raises:
-        ValueError: ``root`` holds ``coco/`` or ``ade/`` folders not written by this generator.
+        ValueError: ``root`` holds ``coco/`` or ``ade/`` folders not written by this generator,
+            or ``settings`` asks for another scene version.
 
     Returns:
         ``{'train': {'images': n, 'objects': m}, 'val': {...}, 'reused': bool}``.
     """
+    if settings.scene_version != SCENE_VERSION:
+        raise ValueError(
+            f'this generator draws scene_version={SCENE_VERSION}, got {settings.scene_version=}'
+        )
     previous = read_settings(root)
     if not force and previous == settings:
         return {'reused': True}

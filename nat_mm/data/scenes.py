@@ -1,4 +1,5 @@
-"""Seeded synthetic scenes: coloured shapes on textured two-region backgrounds.
+"""Seeded synthetic scenes: coloured shapes (each class its own hue range) on textured two-region
+backgrounds.
 
 A scene is what every dataset format is written from: an RGB image, the exact polygon and
 pixel mask of each object ("thing"), a per-pixel map of the two background regions
@@ -8,6 +9,7 @@ Objects never overlap, so every polygon is also the object's visible outline.
 
 from __future__ import annotations
 
+import colorsys
 import math
 from dataclasses import dataclass
 
@@ -16,6 +18,11 @@ from PIL import Image, ImageDraw
 
 THING_CLASSES = ('circle', 'square', 'triangle')
 STUFF_CLASSES = ('wall', 'floor')
+# Hue range in degrees of each thing class (reds, greens, blues), saturation and value vary: a
+# class has a typical appearance, as real categories do. With colours independent of the class,
+# only the outline tells a square from a circle, and a from-scratch segmentor (DiNAT or
+# ResNet-18 UPerNet alike) learns "object" but no shape class in 800 iterations.
+THING_HUES = ((-25.0, 25.0), (95.0, 145.0), (215.0, 265.0))
 # Vertices used to approximate a circle; enough for an IoU > 0.99 with the ideal disc.
 CIRCLE_VERTICES = 32
 _MAX_PLACEMENT_TRIES = 50
@@ -89,10 +96,11 @@ def polygon_mask(polygon: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(canvas, dtype=bool)
 
 
-def _bright_colour(rng: np.random.Generator) -> np.ndarray:
-    """A saturated RGB colour, float [3]: one channel high, one low, one random."""
-    colour = np.array([rng.uniform(190, 255), rng.uniform(0, 70), rng.uniform(0, 255)])
-    return rng.permutation(colour)
+def _thing_colour(rng: np.random.Generator, label: int) -> np.ndarray:
+    """A saturated RGB colour of the class's hue range (:data:`THING_HUES`), float [3]."""
+    hue = rng.uniform(*THING_HUES[label]) % 360
+    rgb = colorsys.hsv_to_rgb(hue / 360, rng.uniform(0.75, 1.0), rng.uniform(0.8, 1.0))
+    return 255 * np.array(rgb)
 
 
 def _place_objects(
@@ -154,7 +162,7 @@ def make_scene(
             label = int(rng.integers(len(THING_CLASSES)))
             polygon = _shape_polygon(label, centre, radius, rng.uniform(0, 2 * math.pi))
             mask = polygon_mask(polygon, height, width)
-            colour = _bright_colour(rng)
+            colour = _thing_colour(rng, label)
             shading = 20 * (_smooth_noise(rng, height, width, cell=16)[..., None] - 0.5)
             image = np.where(mask[..., None], colour + shading, image)
             objects.append(SceneObject(label=label, polygon=polygon, mask=mask))

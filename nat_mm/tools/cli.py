@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+import warnings
 from collections.abc import Callable
 
 from mmengine.config import DictAction
@@ -11,19 +13,32 @@ from mmengine.config import DictAction
 from nat_mm.errors import NatMMError
 
 EXIT_BAD_INPUT = 2  # as argparse exits for a bad command line
+# Deprecation notices about the host libraries' own code, which a nat_mm user cannot act on:
+# (category, start of the message). The tools hide them while they run; code that imports
+# nat_mm keeps every warning.
+THIRD_PARTY_WARNINGS = (
+    (UserWarning, 'pkg_resources is deprecated as an API'),  # mmengine's is_installed()
+    (UserWarning, '``build_loss`` would be deprecated soon'),  # mmseg's decode heads
+    (UserWarning, 'torch.meshgrid: in an upcoming release'),  # mmcv / mmdet positional code
+)
 
 
 def run(work: Callable[[], object]) -> int:
     """Runs a tool's work; a :class:`NatMMError` becomes ``error: ...`` on stderr and status 2.
 
+    :data:`THIRD_PARTY_WARNINGS` are not shown while the work runs.
+
     Returns:
         The exit status: 0, or 2 for bad input.
     """
-    try:
-        work()
-    except NatMMError as error:
-        print(f'error: {error}', file=sys.stderr)
-        return EXIT_BAD_INPUT
+    with warnings.catch_warnings():
+        for category, message in THIRD_PARTY_WARNINGS:
+            warnings.filterwarnings('ignore', message=re.escape(message), category=category)
+        try:
+            work()
+        except NatMMError as error:
+            print(f'error: {error}', file=sys.stderr)
+            return EXIT_BAD_INPUT
     return 0
 
 
