@@ -16,7 +16,7 @@ classes = ('circle', 'square', 'triangle')
 metainfo = dict(classes=classes, palette=[(230, 25, 75), (60, 180, 75), (0, 130, 200)])
 image_scale = (128, 128)
 neck_channels = 64
-max_iters = 600
+max_iters = 400
 
 model = dict(
     backbone=dict(
@@ -108,7 +108,7 @@ optim_wrapper = dict(
 runner_type = 'SafeLoadRunner'  # docs/checkpoints.md
 default_hooks = dict(
     logger=dict(interval=20),
-    checkpoint=dict(type='CrashSafeCheckpointHook', by_epoch=False, interval=300, max_keep_ckpts=2),
+    checkpoint=dict(type='CrashSafeCheckpointHook', by_epoch=False, interval=200, max_keep_ckpts=2),
 )
 log_processor = dict(by_epoch=False)
 env_cfg = dict(cudnn_benchmark=False)
