@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-command environment for nat_mm: creates .venv/ in the repository root and installs, in order,
 # torch, the build tools, mmcv 2.1.0 with its compiled ops (built once into a wheel cache outside the
-# repository), mmdet, mmsegmentation, pycocotools, the dev tools and nat_mm itself (editable).
+# repository), mmdet, mmsegmentation, pycocotools, the dev tools, onnx / onnxruntime / onnxscript
+# (the `export` extra) and nat_mm itself (editable).
 #
 # Re-running it on a ready environment takes a second: a stamp records what was installed.
 #
@@ -118,8 +119,8 @@ if ! "$PY" -c 'import mmcv, mmcv._ext; assert mmcv.__version__ == "'$MMCV_VERSIO
 fi
 
 # --- 5. the OpenMMLab libraries, dev tools and nat_mm itself -----------------------------------
-log "installing mmdet, mmsegmentation, pycocotools, dev tools and nat_mm (editable)"
-"${PIP[@]}" install --quiet --no-build-isolation -e "${ROOT}[openmmlab,dev]"
+log "installing mmdet, mmsegmentation, pycocotools, dev tools, ONNX export tools and nat_mm (editable)"
+"${PIP[@]}" install --quiet --no-build-isolation -e "${ROOT}[openmmlab,dev,export]"
 
 # panopticapi (mmdet's COCO panoptic loading and PQ metric) is git-only upstream; panopticapi-lite
 # ships the same module. --no-deps: its metadata pins numpy<2, which the code itself does not need.

@@ -15,11 +15,18 @@ LAYER_NORM_EPS = 1e-5
 
 
 def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: zeroes whole samples of a residual branch and rescales the others."""
-    if drop_prob == 0.0 or not training:
+    """Stochastic depth: zeroes whole samples of a residual branch and rescales the others.
+
+    Keeps each sample with probability ``1 - drop_prob`` (float32 uniforms, whatever x's dtype).
+    Written without branching on or specializing ``drop_prob`` (no ``bernoulli_(p)``, which takes
+    a concrete float), so that under ``torch.compile`` every block's rate stays a graph input
+    rather than a guard on its value; ``drop_prob=0`` keeps every sample unchanged.
+    """
+    if not training:
         return x
     keep_prob = 1.0 - drop_prob
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = torch.rand(shape, device=x.device) < keep_prob
     return x * mask / keep_prob
 
 
@@ -68,7 +75,13 @@ class ConvDownsampler(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, H, W, C] -> [B, ceil(H/2), ceil(W/2), 2C]."""
-        return self.norm(self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        x = x.permute(0, 3, 1, 2)
+        if torch.compiler.is_compiling():
+            # torch 2.13's inductor fails to lower a convolution of this view (a LayerNorm's
+            # output, permuted) with dynamic shapes ("Invalid ranges [0:-1]"): compiled graphs
+            # convolve a contiguous copy.
+            x = x.contiguous()
+        return self.norm(self.reduction(x).permute(0, 2, 3, 1))
 
 
 class Mlp(nn.Module):
@@ -137,8 +150,14 @@ class NeighborhoodAttention2D(nn.Module):
         """[B, H, W, C] (already normalized) -> [B, H, W, C]."""
         batch, height, width, channels = x.shape
         window = self.kernel_size * self.dilation
-        pad_bottom, pad_right = max(0, window - height), max(0, window - width)
-        if pad_bottom or pad_right:
+        # A captured graph (torch.compile, torch.export) pads and crops by copies at every size
+        # (by zero when the map is large enough): the branch, and whether a cropped view is
+        # contiguous, would each be a guard on H and W, so a recompile, or an exported graph
+        # that holds on one side of K * d only. (sym_max: no guard on symbolic sizes either.)
+        capturing = torch.compiler.is_compiling()
+        max_ = torch.sym_max if capturing else max
+        pad_bottom, pad_right = max_(0, window - height), max_(0, window - width)
+        if capturing or pad_bottom or pad_right:
             x = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom))
         padded_h, padded_w = x.shape[1:3]
         qkv = self.qkv(x).reshape(batch, padded_h, padded_w, 3, self.num_heads, self.head_dim)
@@ -153,7 +172,12 @@ class NeighborhoodAttention2D(nn.Module):
             scale=self.scale,
             backend=self.attn_backend,
         )
-        out = out.reshape(batch, padded_h, padded_w, channels)[:, :height, :width]
+        out = out.reshape(batch, padded_h, padded_w, channels)
+        if capturing:
+            rows, cols = torch.arange(height, device=x.device), torch.arange(width, device=x.device)
+            out = out.index_select(1, rows).index_select(2, cols)
+        else:
+            out = out[:, :height, :width]
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 import torch
 from mmengine.logging import print_log
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .backends import BACKENDS, backend_names, capable_backends, check_backend
 from .traced import TracedNeighborhoodAttention2D
@@ -71,6 +73,12 @@ def na2d(
     configuration) and a backend's bug alike. An error in a backward cannot be caught at forward
     time: it is raised. A forced backend never falls back.
 
+    Captured into a graph (torch.compile, torch.export, make_fx: `capturing_graph`), na2d is the
+    one operator `torch.ops.nat_mm.na2d` (`library.py`): no graph break, and the same choice and
+    fallback happen when the graph runs, on the device it runs on. Its gradients are an operator
+    too (once differentiable: double backward needs eager mode). ONNX and runtimes without
+    nat_mm get its gather form (`export.py`).
+
     Args:
         q, k, v: [B, H, W, heads, head_dim], same dtype and device.
         kernel_size: Odd K >= 3, or (Kh, Kw).
@@ -88,13 +96,44 @@ def na2d(
         TypeError, ValueError: Bad inputs (the message names the argument).
         RuntimeError: A forced backend cannot run these inputs (the message says why).
     """
-    global _last_backend
     kernel, dil = _check_inputs(q, k, v, kernel_size, dilation, rpb)
     scale = _check_scale(scale, q.shape[-1])
     forced = backend if backend is not None else _default_backend
-    configuration = _configuration(q, k, v, rpb)
     if forced is not None:
         _check_backend_name(forced, 'backend')
+    if capturing_graph(q):
+        # One operator in the graph; the backend is chosen when the graph runs (library.py).
+        return torch.ops.nat_mm.na2d(q, k, v, rpb, list(kernel), list(dil), scale, forced)
+    return dispatch(q, k, v, kernel, dil, rpb, scale, forced)
+
+
+def capturing_graph(q: torch.Tensor) -> bool:
+    """Whether na2d is being captured into a graph rather than run: torch.compile, torch.export,
+    make_fx / FakeTensor tracing. There na2d is the operator `torch.ops.nat_mm.na2d`.
+
+    `torch.jit.trace` is not among them: it records the autograd Function of `traced.py`, whose
+    node the FLOP counting of `flops.py` reads.
+    """
+    if torch.compiler.is_compiling():  # dynamo (compile, strict export) and non-strict export
+        return True
+    return isinstance(q, FakeTensor) or _get_current_dispatch_mode() is not None
+
+
+def dispatch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel: tuple[int, int],
+    dil: tuple[int, int],
+    rpb: torch.Tensor | None,
+    scale: float,
+    forced: str | None,
+) -> torch.Tensor:
+    """Run validated inputs on backend `forced`, or on the automatic choice with its fallback
+    (see `na2d`). Eager calls and the kernel of `torch.ops.nat_mm.na2d` both come here."""
+    global _last_backend
+    configuration = _configuration(q, k, v, rpb)
+    if forced is not None:
         reason = check_backend(forced, q, k, v, kernel, dil, rpb)
         if reason is not None:
             raise RuntimeError(f'na2d backend {forced!r} cannot run these inputs: {reason}')

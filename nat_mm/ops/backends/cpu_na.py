@@ -37,6 +37,7 @@ from mmengine.logging import print_log
 
 from . import torch_na
 from .replay import replay_gradients
+from .windows import axis_window
 
 NAME = 'cpu'
 # Storage dtype -> (suffix of its functions in na2d_cpu.c, dtype of its arithmetic: the RPB table
@@ -225,19 +226,14 @@ class AxisWindows(NamedTuple):
 def axis_windows(length: int, kernel_size: int, dilation: int) -> AxisWindows:
     """The windows of one axis and their inverse.
 
-    NATTEN 0.14 semantics: position i lies on sub-lattice `i % d` at index `p = i // d`; its window
-    is K consecutive sub-lattice positions starting at `clamp(p - K // 2, 0, n - K)`, n being the
-    sub-lattice's length; slot s is key `(start + s) * d + i % d` with RPB index
-    `start + s - p + K - 1`. The inverse lists, for every key, the queries whose window holds it
-    and at which slot (a contiguous run of its sub-lattice, longer near the borders).
+    The windows are `windows.axis_window`'s (NATTEN 0.14 semantics): slot s of query i is key
+    `first_key[i] + s * d` with RPB index `bias[i] + s`. The inverse lists, for every key, the
+    queries whose window holds it and at which slot (a contiguous run of its sub-lattice, longer
+    near the borders).
     """
     position = torch.arange(length)
-    residue, index = position % dilation, position // dilation
-    sub_length = (length - residue + dilation - 1) // dilation
-    start = torch.minimum((index - kernel_size // 2).clamp(min=0), sub_length - kernel_size)
-    first_key = start * dilation + residue
-    bias = start - index + kernel_size - 1
-    order = torch.argsort(residue * length + index)
+    first_key, bias = axis_window(length, kernel_size, dilation)
+    order = torch.argsort(position % dilation * length + position // dilation)
     slots = torch.arange(kernel_size)
     keys = (first_key[:, None] + slots * dilation).flatten()  # [length * K], query-major
     queries = position.repeat_interleave(kernel_size)
@@ -409,15 +405,37 @@ class CpuNeighborhoodAttention(torch.autograd.Function):
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True
             return _replay_backward(q, k, v, rpb, kernel_size, dilation, scale, grad_out, needs)
-        head_dim = q.shape[-1]
-        (grad_in,) = _kernel_inputs(grad_out)
-        grads = _backward(
-            *_kernel_inputs(q, k, v), _kernel_rpb(rpb, q.dtype), grad_in.contiguous(),
-            kernel_size, dilation, scale, rpb is not None and needs[3],
-        )  # fmt: skip
-        grad_q, grad_k, grad_v = (grad[..., :head_dim] for grad in grads[:3])
-        grad_rpb = grads[3].to(rpb.dtype) if grads[3] is not None else None
-        return grad_q, grad_k, grad_v, grad_rpb, None, None, None
+        rpb_grad = rpb is not None and needs[3]
+        grads = gradients(q, k, v, rpb, grad_out, kernel_size, dilation, scale, rpb_grad)
+        return *grads, None, None, None
+
+
+def gradients(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rpb: torch.Tensor | None,
+    grad_out: torch.Tensor,
+    kernel_size: tuple[int, int],
+    dilation: tuple[int, int],
+    scale: float,
+    rpb_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The C backward of validated CPU inputs: gradients of q, k, v (as given, possibly strided
+    views) and of the RPB table in its own dtype (None unless `rpb_grad`).
+
+    Shared by `CpuNeighborhoodAttention` and the operator `nat_mm::na2d_backward`
+    (`nat_mm/ops/library.py`).
+    """
+    head_dim = q.shape[-1]
+    (grad_in,) = _kernel_inputs(grad_out)
+    grads = _backward(
+        *_kernel_inputs(q, k, v), _kernel_rpb(rpb, q.dtype), grad_in.contiguous(),
+        kernel_size, dilation, scale, rpb_grad,
+    )  # fmt: skip
+    grad_q, grad_k, grad_v = (grad[..., :head_dim] for grad in grads[:3])
+    grad_rpb = grads[3].to(rpb.dtype) if grads[3] is not None else None
+    return grad_q, grad_k, grad_v, grad_rpb
 
 
 def _replay_backward(

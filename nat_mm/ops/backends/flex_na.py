@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .lattice import map_sub_lattices
+from .windows import bias_index, window_start
 
 NAME = 'flex'
 TILE_ROWS, TILE_COLS = 8, 16  # 128 tokens: Flex's default block size
@@ -113,18 +114,14 @@ def _token_position(index: torch.Tensor, geometry: torch.Tensor):
     return row, col
 
 
-def _window_start(position: torch.Tensor, length: torch.Tensor, kernel: torch.Tensor):
-    # Undilated: clamp(i - K // 2, 0, L - K) (docs/neighborhood-attention.md section 1).
-    return torch.clamp(torch.minimum(position - kernel // 2, length - kernel), min=0)
-
-
 def _make_mask_mod(geometry: torch.Tensor) -> Callable:
     def mask_mod(batch, head, q_index, kv_index):
         height, width, kernel_h, kernel_w = geometry[0], geometry[1], geometry[2], geometry[3]
         q_row, q_col = _token_position(q_index, geometry)
         k_row, k_col = _token_position(kv_index, geometry)
-        start_row = _window_start(q_row, height, kernel_h)
-        start_col = _window_start(q_col, width, kernel_w)
+        # Undilated (a sub-lattice): the axis is the group (docs/neighborhood-attention.md 1).
+        start_row = window_start(q_row, height, kernel_h)
+        start_col = window_start(q_col, width, kernel_w)
         inside_rows = (k_row >= start_row) & (k_row < start_row + kernel_h)
         inside_cols = (k_col >= start_col) & (k_col < start_col + kernel_w)
         return inside_rows & inside_cols
@@ -138,8 +135,8 @@ def _make_score_mod(geometry: torch.Tensor, rpb: torch.Tensor) -> Callable:
         q_row, q_col = _token_position(q_index, geometry)
         k_row, k_col = _token_position(kv_index, geometry)
         # Clamped: pairs outside the window are masked anyway but must index in bounds.
-        index_h = torch.clamp(k_row - q_row + kernel_h - 1, 0, 2 * kernel_h - 2)
-        index_w = torch.clamp(k_col - q_col + kernel_w - 1, 0, 2 * kernel_w - 2)
+        index_h = torch.clamp(bias_index(k_row, q_row, kernel_h), 0, 2 * kernel_h - 2)
+        index_w = torch.clamp(bias_index(k_col, q_col, kernel_w), 0, 2 * kernel_w - 2)
         return score + rpb[head, index_h, index_w]
 
     return score_mod

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .windows import bias_index, window_start
+
 
 @dataclass(frozen=True)
 class AxisTiling:
@@ -54,10 +56,11 @@ def axis_tiling(length: int, kernel_size: int, tile: int, device: torch.device) 
     block_start = (tile_start - half).clamp(0, length - block)
     key_index = block_start[:, None] + torch.arange(block)  # [nt, Bk]
     query = tile_start[:, None] + torch.arange(tile)  # [nt, T]
-    window_start = (query - half).clamp(0, length - kernel_size)[..., None]  # [nt, T, 1]
+    start = window_start(query, length, kernel_size)[..., None]  # [nt, T, 1]
     key = key_index[:, None, :]  # [nt, 1, Bk]
-    valid = (key >= window_start) & (key < window_start + kernel_size)
-    rpb_index = (key - query[..., None] + kernel_size - 1).clamp(0, 2 * kernel_size - 2)
+    valid = (key >= start) & (key < start + kernel_size)
+    # Clamped: keys of the block outside a query's window are masked but must index in bounds.
+    rpb_index = bias_index(key, query[..., None], kernel_size).clamp(0, 2 * kernel_size - 2)
     patterns = torch.cat([valid.flatten(1).long(), rpb_index.flatten(1)], dim=1)
     unique, tile_class = torch.unique(patterns, dim=0, return_inverse=True)
     size = tile * block
