@@ -258,6 +258,18 @@ def test_inductor_keeps_the_operator_and_matches_eager(mode: str) -> None:
 # --- torch.export and ONNX ----------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings('ignore::torch.jit.TracerWarning')
+def test_jit_trace_passes_its_sanity_check_and_matches_eager() -> None:
+    """torch.jit.trace (its check re-runs the trace and compares) at a size where every stage
+    pads; a traced module holds at its own size only (torch.export has symbolic sizes)."""
+    model = small_backbone(DiNAT)
+    image = torch.randn(1, 3, *SIZE)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, image, check_trace=True)
+        for out, want in zip(traced(image), model(image), strict=True):
+            assert max_relative_error(out, want) <= 1e-6
+
+
 @pytest.mark.parametrize('cls', [NAT, DiNAT])
 def test_exported_backbone_is_one_operator_per_layer_and_matches_eager(cls: type) -> None:
     model = small_backbone(cls)
