@@ -23,6 +23,7 @@ from nat_mm.data import (
     mask_to_uncompressed_rle,
     panoptic_segments,
     read_settings,
+    rgb_to_id,
 )
 
 SMALL = DemoDataSettings(num_train=6, num_val=3, height=64, width=80, seed=3)
@@ -41,8 +42,8 @@ def decode_uncompressed_rle(rle: dict) -> np.ndarray:
     return values.reshape((width, height)).T
 
 
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """COCO panoptic decoding, written out independently of ``id_to_rgb``."""
+def decode_panoptic_rgb(rgb: np.ndarray) -> np.ndarray:
+    """COCO panoptic decoding, written out independently of ``id_to_rgb`` / ``rgb_to_id``."""
     rgb = rgb.astype(np.int64)
     return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
 
@@ -166,7 +167,14 @@ def test_panoptic_segments_cover_everything_but_clutter():
         assert segment['category_id'] in THING_CATEGORY_IDS + STUFF_CATEGORY_IDS
     thing_segments = [s for s in segments if s['category_id'] in THING_CATEGORY_IDS]
     assert len(thing_segments) == len(scene.objects)
-    assert np.array_equal(rgb_to_id(id_to_rgb(ids)), ids)
+    assert np.array_equal(decode_panoptic_rgb(id_to_rgb(ids)), ids)
+
+
+def test_rgb_to_id_decodes_what_id_to_rgb_encodes():
+    rgb = np.random.default_rng(0).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+    ids = rgb_to_id(rgb)
+    assert ids.dtype == np.int64 and np.array_equal(ids, decode_panoptic_rgb(rgb))
+    assert np.array_equal(id_to_rgb(ids), rgb)
 
 
 def test_id_to_rgb_rejects_out_of_range_ids():
@@ -204,7 +212,7 @@ def test_generated_folder_layout(demo_root):
             panoptic = json.load(f)
         for entry in panoptic['annotations']:
             png = osp.join(coco, 'annotations', f'panoptic_{split}', entry['file_name'])
-            ids = rgb_to_id(np.asarray(Image.open(png)))
+            ids = decode_panoptic_rgb(np.asarray(Image.open(png)))
             present = set(np.unique(ids).tolist()) - {0}
             assert present == {s['id'] for s in entry['segments_info']}
     for split, count in (('training', SMALL.num_train), ('validation', SMALL.num_val)):

@@ -190,14 +190,14 @@ class TwoStageTensorMode(nn.Module):
             valid = (widths > cfg['min_bbox_size']) & (heights > cfg['min_bbox_size'])
         # mmcv's batched_nms: levels apart by an offset above the largest coordinate of the
         # boxes kept (computed before the mask so that it exists for no box too; the same max).
-        if cfg['class_agnostic']:
-            boxes_for_nms = bboxes[valid]
-        else:
-            max_coordinate = torch.where(valid[:, None], bboxes, float('-inf')).max()
-            offsets = level_ids[valid].to(bboxes) * (max_coordinate + torch.tensor(1).to(bboxes))
-            boxes_for_nms = bboxes[valid] + offsets[:, None]
-        keep = torch.ops.nat_mm.nms(boxes_for_nms, scores[valid], cfg['iou_threshold'])
-        return bboxes[valid][keep][: cfg['max_per_img']]
+        max_coordinate = torch.where(valid[:, None], bboxes, float('-inf')).max()
+        bboxes, scores, level_ids = bboxes[valid], scores[valid], level_ids[valid]
+        boxes_for_nms = bboxes
+        if not cfg['class_agnostic']:
+            offsets = level_ids.to(bboxes) * (max_coordinate + torch.tensor(1).to(bboxes))
+            boxes_for_nms = bboxes + offsets[:, None]
+        keep = torch.ops.nat_mm.nms(boxes_for_nms, scores, cfg['iou_threshold'])
+        return bboxes[keep][: cfg['max_per_img']]
 
 
 def roi_features(extractor: nn.Module, features: tuple, rois: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from io import BytesIO
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from nat_mm.data.formats import rgb_to_id
 from nat_mm.errors import NatMMError
 from nat_mm.fileio import atomic_write_bytes
 
@@ -27,7 +28,6 @@ STUFF_OPACITY = 0.75
 _MARGIN = 6
 _HEADER = 22
 _FONT_SIZE = 12
-_INSTANCE_OFFSET = 1000  # mmdet's panoptic ids: label + instance * INSTANCE_OFFSET
 
 
 @dataclass
@@ -165,9 +165,7 @@ def panoptic_ground_truth(ann_file: str, classes, thing_classes) -> dict[str, li
     files = {image['id']: image['file_name'] for image in panoptic['images']}
     truth = {}
     for annotation in panoptic['annotations']:
-        rgb = np.asarray(Image.open(os.path.join(png_dir, annotation['file_name'])))
-        rgb = rgb.astype(np.int64)
-        ids = rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]
+        ids = rgb_to_id(np.asarray(Image.open(os.path.join(png_dir, annotation['file_name']))))
         truth[files[annotation['image_id']]] = [
             Segment(
                 classes.index(names[info['category_id']]),
@@ -204,11 +202,13 @@ def predicted_segments(
     panoptic = sample.get('pred_panoptic_seg')
     if panoptic is None:  # an all-void map, dropped by nat_mm's inferencer (init_inferencer)
         return []
+    from mmdet.evaluation.functional import INSTANCE_OFFSET  # ids: label + instance * offset
+
     ids = panoptic.sem_seg[0].numpy()
     num_classes = len(meta['classes'])
     segments = []
     for segment_id in np.unique(ids).tolist():
-        label = segment_id % _INSTANCE_OFFSET
+        label = segment_id % INSTANCE_OFFSET
         if label >= num_classes:  # void
             continue
         name = meta['classes'][label]

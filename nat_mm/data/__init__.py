@@ -16,6 +16,7 @@ from .formats import (
     id_to_rgb,
     mask_to_uncompressed_rle,
     panoptic_segments,
+    rgb_to_id,
 )
 from .scenes import STUFF_CLASSES, THING_CLASSES, Scene, SceneObject, make_scene
 
@@ -38,4 +39,5 @@ __all__ = [
     'mask_to_uncompressed_rle',
     'panoptic_segments',
     'read_settings',
+    'rgb_to_id',
 ]

@@ -132,6 +132,12 @@ def id_to_rgb(ids: np.ndarray) -> np.ndarray:
     return np.stack([ids % 256, ids // 256 % 256, ids // 256**2], axis=-1).astype(np.uint8)
 
 
+def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
+    """Decode a COCO panoptic RGB image uint8 [H, W, 3] into segment ids int64 [H, W]."""
+    rgb = rgb.astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]
+
+
 def ade_label_map(scene: Scene) -> np.ndarray:
     """ADE20K-style label map uint8 [H, W]: 0 = other (clutter), stuff then things from 1."""
     labels = scene.stuff_map.astype(np.uint8) + 1
